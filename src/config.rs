@@ -1,0 +1,518 @@
+//! Configuration: the YAML file (`conf/berth.yaml` documents every key), `_env:NAME`
+//! indirection, and validation.
+//!
+//! Unknown keys and bad values fail at start with a message naming the key. A value written
+//! `_env:NAME` is read from the environment, the original docker-registry's convention; it works
+//! for any scalar value (strings, sizes, durations, booleans, numbers).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The smallest multipart part S3 accepts (all but the last part of an upload).
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+/// S3's part-number limit bounds the blob size: part_size * 10,000.
+pub const MAX_PARTS: u64 = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+#[error("config: {key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Worker threads for the HTTP service (pingora's default is 1).
+    pub threads: usize,
+    pub storage: StorageConfig,
+    pub upload: UploadConfig,
+    pub log_level: String,
+    /// On SIGTERM: how long running requests may go on after the listener closes.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Clone)]
+pub struct StorageConfig {
+    /// None: start the embedded S3 endpoint under `<data_dir>/objects`.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub bucket: String,
+    /// Key prefix inside the bucket, e.g. `berth/`. Empty or ending in `/`.
+    pub prefix: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub path_style: bool,
+    pub blob_serving: BlobServing,
+    pub presign_ttl: Duration,
+}
+
+// Hand-written so the secret key never reaches a log line.
+impl fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StorageConfig")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("access_key", &"<redacted>")
+            .field("secret_key", &"<redacted>")
+            .field("path_style", &self.path_style)
+            .field("blob_serving", &self.blob_serving)
+            .field("presign_ttl", &self.presign_ttl)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobServing {
+    /// pingora proxies blob GETs to a presigned URL.
+    Proxy,
+    /// 307 to a presigned URL.
+    Redirect,
+}
+
+#[derive(Debug, Clone)]
+pub struct UploadConfig {
+    pub part_size: u64,
+    pub session_expiry: Duration,
+}
+
+// ---- the file as written: every scalar is a string or a YAML scalar, resolved below ----
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<serde_yaml::Value>,
+    data_dir: Option<serde_yaml::Value>,
+    threads: Option<serde_yaml::Value>,
+    log_level: Option<serde_yaml::Value>,
+    shutdown_grace: Option<serde_yaml::Value>,
+    #[serde(default)]
+    storage: RawStorage,
+    #[serde(default)]
+    upload: RawUpload,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    endpoint: Option<serde_yaml::Value>,
+    region: Option<serde_yaml::Value>,
+    bucket: Option<serde_yaml::Value>,
+    prefix: Option<serde_yaml::Value>,
+    access_key: Option<serde_yaml::Value>,
+    secret_key: Option<serde_yaml::Value>,
+    path_style: Option<serde_yaml::Value>,
+    blob_serving: Option<serde_yaml::Value>,
+    presign_ttl: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpload {
+    part_size: Option<serde_yaml::Value>,
+    session_expiry: Option<serde_yaml::Value>,
+}
+
+/// Overrides from the command line; they win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads `path` (or the built-in defaults when None) and applies the overrides.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| ConfigError::new(p.display().to_string(), e.to_string()))?,
+            None => String::new(),
+        };
+        Self::from_yaml(&text, overrides, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses YAML text; `env` resolves `_env:NAME` (injected so tests need no process env).
+    pub fn from_yaml(
+        text: &str,
+        overrides: &Overrides,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig = if text.trim().is_empty() {
+            RawConfig::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|e| {
+                // serde_yaml names the unknown field and its location.
+                ConfigError::new("file", e.to_string())
+            })?
+        };
+        let r = Resolver { env };
+
+        let listen = match &overrides.listen {
+            Some(a) => *a,
+            None => r
+                .string("listen", raw.listen)?
+                .unwrap_or_else(|| "127.0.0.1:5000".into())
+                .parse()
+                .map_err(|e| ConfigError::new("listen", format!("not an address: {e}")))?,
+        };
+        let data_dir = match &overrides.data_dir {
+            Some(d) => d.clone(),
+            None => PathBuf::from(
+                r.string("data_dir", raw.data_dir)?
+                    .unwrap_or_else(|| "./data".into()),
+            ),
+        };
+        let threads = match r.string("threads", raw.threads)? {
+            Some(t) => t
+                .parse::<usize>()
+                .ok()
+                .filter(|t| *t >= 1)
+                .ok_or_else(|| ConfigError::new("threads", "expected a whole number >= 1"))?,
+            None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        };
+        let log_level = r
+            .string("log_level", raw.log_level)?
+            .unwrap_or_else(|| "info".into());
+        if !["error", "warn", "info", "debug", "trace", "off"].contains(&log_level.as_str()) {
+            return Err(ConfigError::new(
+                "log_level",
+                "expected one of error, warn, info, debug, trace, off",
+            ));
+        }
+
+        let shutdown_grace = r
+            .duration("shutdown_grace", raw.shutdown_grace)?
+            .unwrap_or(Duration::from_secs(10));
+
+        let s = raw.storage;
+        let endpoint = r.string("storage.endpoint", s.endpoint)?;
+        if let Some(e) = &endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(ConfigError::new(
+                    "storage.endpoint",
+                    "expected a URL starting with http:// or https://",
+                ));
+            }
+        }
+        let embedded = endpoint.is_none();
+        let access_key = r.string("storage.access_key", s.access_key)?;
+        let secret_key = r.string("storage.secret_key", s.secret_key)?;
+        if !embedded && (access_key.is_none() || secret_key.is_none()) {
+            return Err(ConfigError::new(
+                "storage.access_key",
+                "storage.access_key and storage.secret_key are required with storage.endpoint",
+            ));
+        }
+        let mut prefix = r.string("storage.prefix", s.prefix)?.unwrap_or_default();
+        if prefix.starts_with('/') {
+            return Err(ConfigError::new(
+                "storage.prefix",
+                "must not start with '/'",
+            ));
+        }
+        if !prefix.is_empty() && !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        let bucket = r
+            .string("storage.bucket", s.bucket)?
+            .unwrap_or_else(|| "registry".into());
+        if bucket.is_empty() || bucket.contains('/') {
+            return Err(ConfigError::new("storage.bucket", "not a bucket name"));
+        }
+        let blob_serving = match r.string("storage.blob_serving", s.blob_serving)?.as_deref() {
+            None | Some("proxy") => BlobServing::Proxy,
+            Some("redirect") => BlobServing::Redirect,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "storage.blob_serving",
+                    format!("expected proxy or redirect, got {other:?}"),
+                ))
+            }
+        };
+        let presign_ttl = r
+            .duration("storage.presign_ttl", s.presign_ttl)?
+            .unwrap_or(Duration::from_secs(15 * 60));
+        if presign_ttl < Duration::from_secs(1) || presign_ttl > Duration::from_secs(7 * 86400) {
+            return Err(ConfigError::new(
+                "storage.presign_ttl",
+                "must be between 1s and 7d (SigV4's limit)",
+            ));
+        }
+        let storage = StorageConfig {
+            endpoint,
+            region: r
+                .string("storage.region", s.region)?
+                .unwrap_or_else(|| "us-east-1".into()),
+            bucket,
+            prefix,
+            access_key: access_key.unwrap_or_default(),
+            secret_key: secret_key.unwrap_or_default(),
+            path_style: r.bool("storage.path_style", s.path_style)?.unwrap_or(true),
+            blob_serving,
+            presign_ttl,
+        };
+
+        let u = raw.upload;
+        let part_size = r
+            .size("upload.part_size", u.part_size)?
+            .unwrap_or(8 * 1024 * 1024);
+        if part_size < MIN_PART_SIZE {
+            return Err(ConfigError::new(
+                "upload.part_size",
+                "must be at least 5MiB (S3's minimum part size)",
+            ));
+        }
+        if part_size > 5 * 1024 * 1024 * 1024 {
+            return Err(ConfigError::new(
+                "upload.part_size",
+                "must be at most 5GiB (S3's maximum part size)",
+            ));
+        }
+        let session_expiry = r
+            .duration("upload.session_expiry", u.session_expiry)?
+            .unwrap_or(Duration::from_secs(24 * 3600));
+        if session_expiry < Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                "upload.session_expiry",
+                "must be at least 1s",
+            ));
+        }
+
+        Ok(Config {
+            listen,
+            data_dir,
+            threads,
+            storage,
+            upload: UploadConfig {
+                part_size,
+                session_expiry,
+            },
+            log_level,
+            shutdown_grace,
+        })
+    }
+}
+
+/// Turns raw YAML scalars into typed values, resolving `_env:NAME` first.
+struct Resolver<'a> {
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Resolver<'_> {
+    fn string(
+        &self,
+        key: &str,
+        value: Option<serde_yaml::Value>,
+    ) -> Result<Option<String>, ConfigError> {
+        use serde_yaml::Value;
+        let text = match value {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::String(s)) => s,
+            Some(Value::Bool(b)) => b.to_string(),
+            Some(Value::Number(n)) => n.to_string(),
+            Some(_) => return Err(ConfigError::new(key, "expected a single value")),
+        };
+        match text.strip_prefix("_env:") {
+            Some(name) => match (self.env)(name) {
+                Some(v) => Ok(Some(v)),
+                None => Err(ConfigError::new(
+                    key,
+                    format!("environment variable {name} is not set"),
+                )),
+            },
+            None => Ok(Some(text)),
+        }
+    }
+
+    fn bool(
+        &self,
+        key: &str,
+        value: Option<serde_yaml::Value>,
+    ) -> Result<Option<bool>, ConfigError> {
+        match self.string(key, value)?.as_deref() {
+            None => Ok(None),
+            Some("true") => Ok(Some(true)),
+            Some("false") => Ok(Some(false)),
+            Some(other) => Err(ConfigError::new(
+                key,
+                format!("expected true or false, got {other:?}"),
+            )),
+        }
+    }
+
+    fn duration(
+        &self,
+        key: &str,
+        value: Option<serde_yaml::Value>,
+    ) -> Result<Option<Duration>, ConfigError> {
+        match self.string(key, value)? {
+            None => Ok(None),
+            Some(s) => humantime::parse_duration(&s).map(Some).map_err(|e| {
+                ConfigError::new(key, format!("expected a duration like 15m or 24h: {e}"))
+            }),
+        }
+    }
+
+    fn size(
+        &self,
+        key: &str,
+        value: Option<serde_yaml::Value>,
+    ) -> Result<Option<u64>, ConfigError> {
+        match self.string(key, value)? {
+            None => Ok(None),
+            Some(s) => parse_size(&s).map(Some).ok_or_else(|| {
+                ConfigError::new(key, format!("expected a size like 8MiB, got {s:?}"))
+            }),
+        }
+    }
+}
+
+/// Parses `8MiB`, `8MB` (decimal), `5242880`, `512KiB`, `1GiB`.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "Ki" => 1 << 10,
+        "MiB" | "Mi" => 1 << 20,
+        "GiB" | "Gi" => 1 << 30,
+        "KB" | "K" | "k" => 1_000,
+        "MB" | "M" => 1_000_000,
+        "GB" | "G" => 1_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults_are_embedded_localhost() {
+        let c = Config::from_yaml("", &Overrides::default(), &no_env).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:5000");
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert!(c.storage.endpoint.is_none());
+        assert_eq!(c.upload.part_size, 8 << 20);
+        assert_eq!(c.storage.blob_serving, BlobServing::Proxy);
+        assert_eq!(c.storage.presign_ttl, Duration::from_secs(900));
+    }
+
+    #[test]
+    fn env_indirection_resolves_and_missing_env_names_the_key() {
+        let yaml = "storage:\n  endpoint: http://127.0.0.1:3900\n  access_key: _env:AK\n  secret_key: _env:SK\n";
+        let env = |n: &str| match n {
+            "AK" => Some("ak1".to_string()),
+            "SK" => Some("sk1".to_string()),
+            _ => None,
+        };
+        let c = Config::from_yaml(yaml, &Overrides::default(), &env).unwrap();
+        assert_eq!(c.storage.access_key, "ak1");
+        assert_eq!(c.storage.secret_key, "sk1");
+        let err = Config::from_yaml(yaml, &Overrides::default(), &no_env).unwrap_err();
+        assert_eq!(err.key, "storage.access_key");
+        assert!(err.message.contains("AK"), "{err}");
+    }
+
+    #[test]
+    fn env_works_for_non_string_values() {
+        let yaml = "upload:\n  part_size: _env:PS\nstorage:\n  path_style: _env:PSTYLE\n";
+        let env = |n: &str| match n {
+            "PS" => Some("16MiB".to_string()),
+            "PSTYLE" => Some("false".to_string()),
+            _ => None,
+        };
+        let c = Config::from_yaml(yaml, &Overrides::default(), &env).unwrap();
+        assert_eq!(c.upload.part_size, 16 << 20);
+        assert!(!c.storage.path_style);
+    }
+
+    #[test]
+    fn unknown_keys_fail_naming_the_key() {
+        let err = Config::from_yaml("storage:\n  bukket: x\n", &Overrides::default(), &no_env)
+            .unwrap_err();
+        assert!(err.to_string().contains("bukket"), "{err}");
+        let err = Config::from_yaml("lisen: x\n", &Overrides::default(), &no_env).unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_fail_naming_the_key() {
+        let cases = [
+            ("upload:\n  part_size: 1MiB\n", "upload.part_size"),
+            ("upload:\n  part_size: lots\n", "upload.part_size"),
+            (
+                "storage:\n  blob_serving: teleport\n",
+                "storage.blob_serving",
+            ),
+            ("storage:\n  presign_ttl: soon\n", "storage.presign_ttl"),
+            ("listen: nowhere\n", "listen"),
+            ("storage:\n  endpoint: ftp://x\n", "storage.endpoint"),
+            (
+                "storage:\n  endpoint: http://127.0.0.1:1\n",
+                "storage.access_key",
+            ),
+            ("threads: 0\n", "threads"),
+        ];
+        for (yaml, key) in cases {
+            let err = Config::from_yaml(yaml, &Overrides::default(), &no_env).unwrap_err();
+            assert_eq!(err.key, key, "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let o = Overrides {
+            listen: Some("127.0.0.1:6000".parse().unwrap()),
+            data_dir: Some("/tmp/x".into()),
+        };
+        let c = Config::from_yaml("listen: 127.0.0.1:5000\ndata_dir: /y\n", &o, &no_env).unwrap();
+        assert_eq!(c.listen.port(), 6000);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn secrets_do_not_reach_debug_output() {
+        let yaml = "storage:\n  endpoint: http://127.0.0.1:3900\n  access_key: AKIDSECRET\n  secret_key: verysecret\n";
+        let c = Config::from_yaml(yaml, &Overrides::default(), &no_env).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(
+            !dbg.contains("verysecret") && !dbg.contains("AKIDSECRET"),
+            "{dbg}"
+        );
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("8MiB"), Some(8 << 20));
+        assert_eq!(parse_size("5242880"), Some(5 << 20));
+        assert_eq!(parse_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_size("10MB"), Some(10_000_000));
+        assert_eq!(parse_size("x"), None);
+    }
+}

@@ -1,0 +1,330 @@
+//! One handler per endpoint: call the registry, write the answer.
+
+use bytes::{Bytes, BytesMut};
+use pingora_proxy::Session;
+
+use super::endpoint::{Endpoint, Mount, Page, MAX_PAGE};
+use super::response::{header, range_value, send, send_empty, set, JSON};
+use crate::meta::UploadSession;
+use crate::registry::manifest::{MAX_MANIFEST_BYTES, OCI_INDEX};
+use crate::registry::names::Digest;
+use crate::registry::{BlobGet, BodySource, Registry, RegistryError, RegistryResult};
+
+/// What the HTTP service does after a handler ran.
+pub enum Outcome {
+    /// The response is written.
+    Done,
+    /// Proxy the request to the object store at this presigned path.
+    Proxy {
+        path_and_query: String,
+        digest: Digest,
+    },
+}
+
+const BANNER: &str = concat!("berth registry server ", env!("CARGO_PKG_VERSION"), "\n");
+
+pub async fn handle(reg: &Registry, s: &mut Session, ep: Endpoint) -> RegistryResult<Outcome> {
+    match ep {
+        Endpoint::Banner => {
+            let mut h = header(200);
+            set(&mut h, "Content-Type", "text/plain; charset=utf-8");
+            reply(send(s, h, Bytes::from_static(BANNER.as_bytes()), false).await)
+        }
+        Endpoint::ApiBase => {
+            let mut h = header(200);
+            set(&mut h, "Content-Type", JSON);
+            reply(send(s, h, Bytes::from_static(b"{}"), false).await)
+        }
+        Endpoint::Catalog(page) => {
+            let (limit, fetch) = limits(&page);
+            let mut repos = reg.repositories(page.last.as_deref(), fetch).await?;
+            let next = truncate(&mut repos, limit);
+            let body =
+                serde_json::to_vec(&serde_json::json!({ "repositories": repos })).expect("json");
+            let mut h = header(200);
+            set(&mut h, "Content-Type", JSON);
+            if let Some(last) = next {
+                set(&mut h, "Link", link("/v2/_catalog", limit, &last));
+            }
+            reply(send(s, h, body.into(), false).await)
+        }
+        Endpoint::TagsList { name, page } => {
+            let (limit, fetch) = limits(&page);
+            let mut tags = reg.tags(&name, page.last.as_deref(), fetch).await?;
+            let next = truncate(&mut tags, limit);
+            let body = serde_json::to_vec(&serde_json::json!({ "name": name, "tags": tags }))
+                .expect("json");
+            let mut h = header(200);
+            set(&mut h, "Content-Type", JSON);
+            if let Some(last) = next {
+                set(
+                    &mut h,
+                    "Link",
+                    link(&format!("/v2/{name}/tags/list"), limit, &last),
+                );
+            }
+            reply(send(s, h, body.into(), false).await)
+        }
+        Endpoint::GetManifest {
+            name,
+            reference,
+            head,
+        } => {
+            let found = reg.get_manifest(&name, &reference).await?;
+            let mut h = header(200);
+            set(&mut h, "Content-Type", &found.record.media_type);
+            set(&mut h, "Docker-Content-Digest", found.digest.as_str());
+            set(&mut h, "ETag", format!("\"{}\"", found.digest));
+            reply(send(s, h, found.record.body, head).await)
+        }
+        Endpoint::PutManifest { name, reference } => {
+            let content_type = header_str(s, "content-type").map(str::to_string);
+            let body = read_small_body(s, MAX_MANIFEST_BYTES).await?;
+            let pushed = reg
+                .put_manifest(&name, &reference, content_type.as_deref(), body)
+                .await?;
+            let mut h = header(201);
+            set(
+                &mut h,
+                "Location",
+                format!("/v2/{name}/manifests/{}", pushed.digest),
+            );
+            set(&mut h, "Docker-Content-Digest", pushed.digest.as_str());
+            if let Some(subject) = &pushed.subject {
+                set(&mut h, "OCI-Subject", subject.as_str());
+            }
+            reply(send_empty(s, h, None).await)
+        }
+        Endpoint::DeleteManifest { name, reference } => {
+            reg.delete_manifest(&name, &reference).await?;
+            reply(send_empty(s, header(202), None).await)
+        }
+        Endpoint::GetBlob {
+            name,
+            digest,
+            head: true,
+        } => {
+            let record = reg.stat_blob(&name, &digest).await?;
+            let mut h = header(200);
+            set(&mut h, "Content-Type", "application/octet-stream");
+            set(&mut h, "Docker-Content-Digest", digest.as_str());
+            set(&mut h, "ETag", format!("\"{digest}\""));
+            set(&mut h, "Accept-Ranges", "bytes");
+            reply(send_empty(s, h, Some(record.size)).await)
+        }
+        Endpoint::GetBlob {
+            name,
+            digest,
+            head: false,
+        } => match reg.get_blob(&name, &digest).await? {
+            BlobGet::Proxy { path_and_query, .. } => Ok(Outcome::Proxy {
+                path_and_query,
+                digest,
+            }),
+            BlobGet::Redirect { url, .. } => {
+                let mut h = header(307);
+                set(&mut h, "Location", url);
+                set(&mut h, "Docker-Content-Digest", digest.as_str());
+                reply(send_empty(s, h, None).await)
+            }
+        },
+        Endpoint::DeleteBlob { name, digest } => {
+            reg.delete_blob(&name, &digest).await?;
+            reply(send_empty(s, header(202), None).await)
+        }
+        Endpoint::StartUpload {
+            name,
+            digest,
+            mount,
+        } => start_upload(reg, s, name, digest, mount).await,
+        Endpoint::UploadStatus { name, id } => {
+            let session = reg.upload_status(&name, &id).await?;
+            reply(send_empty(s, upload_header(204, &session), None).await)
+        }
+        Endpoint::PatchUpload { name, id } => {
+            let range_start = content_range_start(s)?;
+            let length = content_length(s)?;
+            let session = reg
+                .append_upload(&name, &id, range_start, length, &mut DownstreamBody(s))
+                .await?;
+            reply(send_empty(s, upload_header(202, &session), None).await)
+        }
+        Endpoint::FinishUpload { name, id, digest } => {
+            let length = content_length(s)?;
+            reg.finish_upload(&name, &id, &digest, length, &mut DownstreamBody(s))
+                .await?;
+            reply(send_empty(s, blob_created(&name, &digest), None).await)
+        }
+        Endpoint::CancelUpload { name, id } => {
+            reg.cancel_upload(&name, &id).await?;
+            reply(send_empty(s, header(204), None).await)
+        }
+        Endpoint::Referrers {
+            name,
+            digest,
+            artifact_type,
+        } => {
+            let body = reg
+                .referrers(&name, &digest, artifact_type.as_deref())
+                .await?;
+            let mut h = header(200);
+            set(&mut h, "Content-Type", OCI_INDEX);
+            if artifact_type.is_some() {
+                set(&mut h, "OCI-Filters-Applied", "artifactType");
+            }
+            reply(send(s, h, body.into(), false).await)
+        }
+    }
+}
+
+async fn start_upload(
+    reg: &Registry,
+    s: &mut Session,
+    name: String,
+    digest: Option<Digest>,
+    mount: Option<Mount>,
+) -> RegistryResult<Outcome> {
+    if let Some(Mount { digest, from }) = mount {
+        // Without `from` (or when the source lacks it), fall back to a new session.
+        if let Some(from) = from {
+            if reg.mount_blob(&name, &from, &digest).await? {
+                return reply(send_empty(s, blob_created(&name, &digest), None).await);
+            }
+        }
+    } else if let Some(digest) = digest {
+        let length = content_length(s)?;
+        reg.monolithic_upload(&name, &digest, length, &mut DownstreamBody(s))
+            .await?;
+        return reply(send_empty(s, blob_created(&name, &digest), None).await);
+    }
+    let session = reg.start_upload(&name).await?;
+    reply(send_empty(s, upload_header(202, &session), None).await)
+}
+
+fn blob_created(name: &str, digest: &Digest) -> pingora_http::ResponseHeader {
+    let mut h = header(201);
+    set(&mut h, "Location", format!("/v2/{name}/blobs/{digest}"));
+    set(&mut h, "Docker-Content-Digest", digest.as_str());
+    h
+}
+
+fn upload_header(status: u16, session: &UploadSession) -> pingora_http::ResponseHeader {
+    let mut h = header(status);
+    set(
+        &mut h,
+        "Location",
+        format!("/v2/{}/blobs/uploads/{}", session.repo, session.id),
+    );
+    set(&mut h, "Docker-Upload-UUID", &session.id);
+    set(&mut h, "Range", range_value(session.offset));
+    h
+}
+
+/// A write error means the client is gone: nothing more to answer.
+fn reply(r: pingora_error::Result<()>) -> RegistryResult<Outcome> {
+    if let Err(e) = r {
+        log::debug!("writing response: {e}");
+    }
+    Ok(Outcome::Done)
+}
+
+/// Page size to return and how many entries to fetch (one more, to know if there is a next).
+fn limits(page: &Page) -> (usize, usize) {
+    let limit = page.n.unwrap_or(MAX_PAGE);
+    (limit, limit + 1)
+}
+
+/// Cuts `items` to `limit`; returns the last returned entry when there are more.
+fn truncate(items: &mut Vec<String>, limit: usize) -> Option<String> {
+    if items.len() > limit {
+        items.truncate(limit);
+        items.last().cloned()
+    } else {
+        None
+    }
+}
+
+fn link(path: &str, n: usize, last: &str) -> String {
+    let last = percent_encoding::utf8_percent_encode(last, percent_encoding::NON_ALPHANUMERIC);
+    format!("<{path}?n={n}&last={last}>; rel=\"next\"")
+}
+
+fn header_str<'a>(s: &'a Session, name: &str) -> Option<&'a str> {
+    s.req_header()
+        .headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+}
+
+fn content_length(s: &Session) -> RegistryResult<Option<u64>> {
+    // With chunked framing the length is unknown whatever Content-Length says.
+    if header_str(s, "transfer-encoding").is_some() {
+        return Ok(None);
+    }
+    match header_str(s, "content-length") {
+        None => Ok(None),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| RegistryError::SizeInvalid(format!("Content-Length {v:?}"))),
+    }
+}
+
+/// `Content-Range: <start>-<end>` on a PATCH (docker sends it without the `bytes ` unit).
+fn content_range_start(s: &Session) -> RegistryResult<Option<u64>> {
+    let Some(v) = header_str(s, "content-range") else {
+        return Ok(None);
+    };
+    let spec = v
+        .trim()
+        .trim_start_matches("bytes")
+        .trim_start_matches([' ', '=']);
+    let (start, end) = spec
+        .split_once('-')
+        .ok_or_else(|| RegistryError::RangeInvalid { offset: 0 })?;
+    let end = end.split('/').next().unwrap_or(end);
+    match (start.trim().parse::<u64>(), end.trim().parse::<u64>()) {
+        (Ok(start), Ok(end)) if end >= start => Ok(Some(start)),
+        _ => Err(RegistryError::BlobUploadInvalid(format!(
+            "Content-Range {v:?}"
+        ))),
+    }
+}
+
+/// Reads a body that must fit in memory (manifests), refusing more than `limit` bytes.
+async fn read_small_body(s: &mut Session, limit: usize) -> RegistryResult<Bytes> {
+    if let Some(len) = content_length(s)? {
+        if len as usize > limit {
+            return Err(RegistryError::TooLarge(format!(
+                "{len} bytes, the limit is {limit}"
+            )));
+        }
+    }
+    let mut out = BytesMut::new();
+    let mut body = DownstreamBody(s);
+    while let Some(chunk) = body
+        .next_chunk()
+        .await
+        .map_err(|e| RegistryError::ManifestInvalid(format!("reading the request body: {e}")))?
+    {
+        if out.len() + chunk.len() > limit {
+            return Err(RegistryError::TooLarge(format!("more than {limit} bytes")));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out.freeze())
+}
+
+/// The downstream request body, chunk by chunk as pingora reads it.
+pub struct DownstreamBody<'a>(pub &'a mut Session);
+
+#[async_trait::async_trait]
+impl BodySource for DownstreamBody<'_> {
+    async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
+        self.0
+            .read_request_body()
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}

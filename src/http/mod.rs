@@ -1,0 +1,12 @@
+//! The HTTP surface: the OCI distribution API on pingora.
+//!
+//! - [`endpoint`]: method + path + query parsed once into a typed [`endpoint::Endpoint`].
+//! - [`handlers`]: one handler per endpoint, calling into [`crate::registry`].
+//! - [`response`]: response headers every answer carries, and the OCI error body.
+//! - [`service`]: the pingora `ProxyHttp` implementation that ties them together and proxies
+//!   blob GETs to the object store.
+
+pub mod endpoint;
+pub mod handlers;
+pub mod response;
+pub mod service;

@@ -1,0 +1,22 @@
+//! berth: an OCI Distribution v1.1 registry gateway.
+//!
+//! Registry **metadata** (repositories, tags, manifests, the blob index, upload sessions,
+//! referrers) lives in berth's own store and is answered without touching the object store.
+//! **Blob bytes** live in an S3-compatible bucket and stream between client and bucket.
+//!
+//! Layout, outside in:
+//! - [`server`]: start-up (metadata store, embedded or remote object store, bucket check) and
+//!   the pingora server with its background tasks.
+//! - [`http`]: the HTTP surface: request → [`http::endpoint::Endpoint`] → handler → response;
+//!   proxied blob GETs.
+//! - [`registry`]: what each operation means: names, manifests, uploads, errors.
+//! - [`meta`]: the [`meta::MetaStore`] trait and its embedded redb backend.
+//! - [`storage`]: the S3 client (SigV4 presigning, multipart) and the embedded S3 endpoint.
+//! - [`config`]: the YAML config with `_env:NAME` values.
+
+pub mod config;
+pub mod http;
+pub mod meta;
+pub mod registry;
+pub mod server;
+pub mod storage;

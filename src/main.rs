@@ -1,0 +1,89 @@
+//! The `berth` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use berth::config::{Config, Overrides};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "berth",
+    version,
+    about = "OCI Distribution v1.1 registry gateway to S3-compatible storage"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the registry (embedded object store unless the config names storage.endpoint).
+    Serve {
+        /// YAML config file (see conf/berth.yaml); built-in defaults when omitted.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Address to listen on; overrides `listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Directory for metadata and embedded objects; overrides `data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Load and validate the config, print it (secrets redacted), and exit.
+    CheckConfig {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => {
+            match Config::load(config.as_deref(), &Overrides::default()) {
+                Ok(c) => {
+                    println!("config ok: {c:#?}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("berth: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+        } => {
+            let overrides = Overrides { listen, data_dir };
+            let config = match Config::load(config.as_deref(), &overrides) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("berth: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(&config.log_level);
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            match berth::server::prepare(config) {
+                Ok((config, registry)) => berth::server::run(config, registry),
+                Err(e) => {
+                    eprintln!("berth: cannot start: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+/// `RUST_LOG` wins over the config's `log_level`.
+fn init_logging(level: &str) {
+    let env = env_logger::Env::default().default_filter_or(level);
+    env_logger::Builder::from_env(env)
+        .format_timestamp_millis()
+        .init();
+}

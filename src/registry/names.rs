@@ -1,0 +1,204 @@
+//! Repository names, tags, digests and references, validated per the OCI distribution spec.
+
+use std::fmt;
+
+/// A content digest `algorithm:hex`. Only `sha256` is accepted: it is what every client sends,
+/// and what berth can verify while bytes stream past.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(String);
+
+impl Digest {
+    pub fn parse(s: &str) -> Option<Digest> {
+        let hex = s.strip_prefix("sha256:")?;
+        if hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            Some(Digest(s.to_string()))
+        } else {
+            None
+        }
+    }
+
+    /// The digest of bytes already in hand (manifests).
+    pub fn sha256_of(bytes: &[u8]) -> Digest {
+        use sha2::{Digest as _, Sha256};
+        Digest::from_sha256(&Sha256::digest(bytes))
+    }
+
+    pub fn from_sha256(raw: &[u8]) -> Digest {
+        Digest(format!("sha256:{}", hex::encode(raw)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The hex part, without the algorithm.
+    pub fn hex(&self) -> &str {
+        &self.0[7..]
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Whether a string looks like a digest at all (`alg:...`), as opposed to a tag. A reference
+/// containing ':' cannot be a tag, so it must then parse as a digest or be DIGEST_INVALID.
+pub fn looks_like_digest(s: &str) -> bool {
+    s.contains(':')
+}
+
+/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(\/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*`, at most 255 bytes
+/// (distribution's limit on the whole name).
+pub fn valid_repository(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 255 && name.split('/').all(valid_path_component)
+}
+
+fn valid_path_component(c: &str) -> bool {
+    let b = c.as_bytes();
+    if b.is_empty() || !is_alnum(b[0]) || !is_alnum(b[b.len() - 1]) {
+        return false;
+    }
+    // Separators between alphanumeric runs: '.', '_', '__', or one or more '-'.
+    let mut i = 0;
+    while i < b.len() {
+        if is_alnum(b[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && !is_alnum(b[i]) {
+            i += 1;
+        }
+        let sep = &c[start..i];
+        let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|x| x == b'-');
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+fn is_alnum(b: u8) -> bool {
+    b.is_ascii_lowercase() || b.is_ascii_digit()
+}
+
+/// `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`
+pub fn valid_tag(tag: &str) -> bool {
+    let b = tag.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b[1..]
+            .iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+/// What a manifest URL names: a tag or a digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reference {
+    Tag(String),
+    Digest(Digest),
+}
+
+impl Reference {
+    /// None when the string is neither a valid tag nor a valid digest; the caller picks
+    /// TAG_INVALID or DIGEST_INVALID with [`looks_like_digest`].
+    pub fn parse(s: &str) -> Option<Reference> {
+        if looks_like_digest(s) {
+            Digest::parse(s).map(Reference::Digest)
+        } else if valid_tag(s) {
+            Some(Reference::Tag(s.to_string()))
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_names() {
+        for ok in [
+            "a",
+            "library/ubuntu",
+            "a/b/c/d",
+            "my-app",
+            "my--app",
+            "my_app",
+            "my__app",
+            "my.app",
+            "a0/b1.c2_d3-e4",
+        ] {
+            assert!(valid_repository(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "A",
+            "UPPER/case",
+            "-a",
+            "a-",
+            "a//b",
+            "/a",
+            "a/",
+            "a___b",
+            "a..b",
+            "a._b",
+            "a b",
+            "a:b",
+            &"a".repeat(256),
+        ] {
+            assert!(!valid_repository(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tags() {
+        for ok in ["latest", "v1.0", "_x", "A-b.c_d", &"a".repeat(128)] {
+            assert!(valid_tag(ok), "{ok}");
+        }
+        for bad in ["", ".x", "-x", "a/b", "a:b", &"a".repeat(129), "ü"] {
+            assert!(!valid_tag(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn digests() {
+        let good = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(Digest::parse(&good).unwrap().hex(), "ab".repeat(32));
+        for bad in [
+            "sha256:".to_string(),
+            format!("sha256:{}", "AB".repeat(32)),
+            format!("sha256:{}", "ab".repeat(31)),
+            format!("md5:{}", "ab".repeat(32)),
+            "ab".repeat(32),
+        ] {
+            assert!(Digest::parse(&bad).is_none(), "{bad}");
+        }
+        assert_eq!(
+            Digest::sha256_of(b"").as_str(),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
+    #[test]
+    fn references() {
+        assert_eq!(
+            Reference::parse("latest"),
+            Some(Reference::Tag("latest".into()))
+        );
+        let d = format!("sha256:{}", "0".repeat(64));
+        assert!(matches!(Reference::parse(&d), Some(Reference::Digest(_))));
+        assert_eq!(Reference::parse("sha256:zz"), None);
+        assert_eq!(Reference::parse("-bad"), None);
+    }
+}

@@ -1,0 +1,638 @@
+//! Blob uploads: bytes stream to the object store as they arrive, and finishing an upload is a
+//! metadata operation (no server-side copy).
+//!
+//! The byte stream of a session is cut into multipart parts at fixed boundaries
+//! (`k * part_size`), so every non-final part has the same size (R2 requires it) and a part's
+//! number follows from its offset. A part whose start is at a boundary and whose bytes are all
+//! announced by Content-Length streams straight into UploadPart; otherwise bytes gather in a
+//! part buffer, at most two parts in memory per upload (one filling, one uploading). Bytes of
+//! an incomplete part outlive the request as the session's pending bytes in the metadata store,
+//! together with the sha256 state, so any berth process can continue the session.
+//!
+//! State is committed at part boundaries and at the end of each request: a client that goes
+//! away mid-request finds the session at the last commit (`GET` status tells where).
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::hasher::BlobHasher;
+use super::names::Digest;
+use super::{unix_now, BodySource, Registry, RegistryError, RegistryResult};
+use crate::config::MAX_PARTS;
+use crate::meta::{BlobRecord, Linked, Part, PendingChange, UploadSession};
+use crate::storage::{ObjectBody, StorageError};
+
+/// S3's limit for a single PutObject.
+const MAX_PUT_OBJECT: u64 = 5 * 1024 * 1024 * 1024;
+/// Chunks queued between the request body and a streaming S3 request.
+const STREAM_QUEUE: usize = 8;
+
+impl Registry {
+    pub async fn start_upload(&self, repo: &str) -> RegistryResult<UploadSession> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let now = unix_now();
+        let session = UploadSession {
+            key: self.store.blob_key(&id),
+            id,
+            repo: repo.to_string(),
+            multipart_id: None,
+            parts: Vec::new(),
+            offset: 0,
+            hasher: BlobHasher::new().save(),
+            created: now,
+            updated: now,
+        };
+        self.meta.create_upload(&session).await?;
+        Ok(session)
+    }
+
+    pub async fn upload_status(&self, repo: &str, id: &str) -> RegistryResult<UploadSession> {
+        match self.meta.upload(id).await? {
+            Some(s) if s.repo == repo => Ok(s),
+            _ => Err(RegistryError::BlobUploadUnknown),
+        }
+    }
+
+    /// PATCH: appends the body. `range_start` is the start of Content-Range if sent; it must
+    /// equal the bytes received so far.
+    pub async fn append_upload(
+        &self,
+        repo: &str,
+        id: &str,
+        range_start: Option<u64>,
+        content_length: Option<u64>,
+        body: &mut dyn BodySource,
+    ) -> RegistryResult<UploadSession> {
+        let _writer = self.claim_upload(id)?;
+        let session = self.upload_status(repo, id).await?;
+        if let Some(start) = range_start {
+            if start != session.offset {
+                return Err(RegistryError::RangeInvalid {
+                    offset: session.offset,
+                });
+            }
+        }
+        let mut w = PartWriter::resume(self, session).await?;
+        w.write_body(body, content_length).await?;
+        w.commit_tail().await?;
+        Ok(w.session)
+    }
+
+    /// PUT ?digest=: appends the (optional) final body, verifies the digest and links the blob.
+    pub async fn finish_upload(
+        &self,
+        repo: &str,
+        id: &str,
+        digest: &Digest,
+        content_length: Option<u64>,
+        body: &mut dyn BodySource,
+    ) -> RegistryResult<()> {
+        let _writer = self.claim_upload(id)?;
+        let session = self.upload_status(repo, id).await?;
+        match content_length {
+            // The whole blob in one request of known length: one streaming PutObject.
+            Some(len) if session.offset == 0 && len > 0 && len <= MAX_PUT_OBJECT => {
+                self.put_whole(session, digest, len, body).await
+            }
+            _ => {
+                let mut w = PartWriter::resume(self, session).await?;
+                if content_length != Some(0) {
+                    w.write_body(body, content_length).await?;
+                }
+                w.finish(digest).await
+            }
+        }
+    }
+
+    /// POST ?digest=: a monolithic upload.
+    pub async fn monolithic_upload(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        content_length: Option<u64>,
+        body: &mut dyn BodySource,
+    ) -> RegistryResult<()> {
+        let session = self.start_upload(repo).await?;
+        let id = session.id.clone();
+        let result = self
+            .finish_upload(repo, &id, digest, content_length, body)
+            .await;
+        if result.is_err() {
+            // Nobody knows this session's id: don't leave it behind.
+            let _ = self.cancel_upload(repo, &id).await;
+        }
+        result
+    }
+
+    /// DELETE on an upload: aborts the multipart upload and forgets the session.
+    pub async fn cancel_upload(&self, repo: &str, id: &str) -> RegistryResult<()> {
+        let _writer = self.claim_upload(id)?;
+        let session = self.upload_status(repo, id).await?;
+        self.discard_session(&session).await
+    }
+
+    /// Cross-repository mount: links `digest` into `repo` if `from` has it. False when it
+    /// does not (the client then uploads normally).
+    pub async fn mount_blob(
+        &self,
+        repo: &str,
+        from: &str,
+        digest: &Digest,
+    ) -> RegistryResult<bool> {
+        if self.meta.repo_blob(from, digest).await?.is_none() {
+            return Ok(false);
+        }
+        Ok(self.meta.link_blob(repo, digest).await?)
+    }
+
+    /// Aborts sessions idle longer than the configured expiry. Returns how many.
+    pub async fn expire_uploads(&self) -> RegistryResult<usize> {
+        let cutoff = unix_now().saturating_sub(self.settings.session_expiry.as_secs());
+        let mut n = 0;
+        for session in self.meta.idle_uploads(cutoff).await? {
+            let Ok(_writer) = self.claim_upload(&session.id) else {
+                continue; // being written right now: not idle
+            };
+            self.discard_session(&session).await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    async fn discard_session(&self, session: &UploadSession) -> RegistryResult<()> {
+        if let Some(mp) = &session.multipart_id {
+            self.store.abort_multipart(&session.key, mp).await?;
+        }
+        self.meta.delete_upload(&session.id).await?;
+        Ok(())
+    }
+
+    /// The whole blob arrives in one request of known length and nothing came before.
+    async fn put_whole(
+        &self,
+        session: UploadSession,
+        digest: &Digest,
+        len: u64,
+        body: &mut dyn BodySource,
+    ) -> RegistryResult<()> {
+        // Already stored: verify the client really has these bytes, but don't store them again.
+        if let Some(existing) = self.meta.blob(digest).await? {
+            let mut hasher = BlobHasher::new();
+            let mut n = 0u64;
+            while let Some(chunk) = body.next_chunk().await.map_err(client_gone)? {
+                hasher.update(&chunk);
+                n += chunk.len() as u64;
+            }
+            check_length(n, len)?;
+            check_digest(&hasher, digest)?;
+            self.meta
+                .finish_upload(&session.id, &session.repo, digest, existing)
+                .await?;
+            return Ok(());
+        }
+
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let store = self.store.clone();
+        let key = session.key.clone();
+        let put = tokio::spawn(async move {
+            store
+                .put_object(&key, ObjectBody::Stream { len, chunks: rx })
+                .await
+        });
+        let mut hasher = BlobHasher::new();
+        let mut n = 0u64;
+        let read = async {
+            while let Some(chunk) = body.next_chunk().await.map_err(client_gone)? {
+                n += chunk.len() as u64;
+                if n > len {
+                    return Err(RegistryError::SizeInvalid(
+                        "body longer than Content-Length".into(),
+                    ));
+                }
+                hasher.update(&chunk);
+                if tx.send(Ok(chunk)).await.is_err() {
+                    break; // the PUT failed; its error is reported below
+                }
+            }
+            Ok(())
+        }
+        .await;
+        drop(tx);
+        let stored = join(put).await;
+        let outcome = read
+            .and_then(|_| check_length(n, len))
+            .and_then(|_| stored.map_err(RegistryError::from))
+            .and_then(|_| check_digest(&hasher, digest));
+        if let Err(e) = outcome {
+            // Never leave bytes where they could be served under a digest they don't have.
+            let _ = self.store.delete_object(&session.key).await;
+            if matches!(e, RegistryError::DigestInvalid(_)) {
+                self.meta.delete_upload(&session.id).await?;
+            }
+            return Err(e);
+        }
+        self.link_finished(&session, digest, len).await
+    }
+
+    async fn link_finished(
+        &self,
+        session: &UploadSession,
+        digest: &Digest,
+        size: u64,
+    ) -> RegistryResult<()> {
+        let record = BlobRecord {
+            key: session.key.clone(),
+            size,
+        };
+        match self
+            .meta
+            .finish_upload(&session.id, &session.repo, digest, record)
+            .await?
+        {
+            Linked::New => Ok(()),
+            // Someone stored the same bytes first: this copy is redundant.
+            Linked::Existing(_) => {
+                if let Err(e) = self.store.delete_object(&session.key).await {
+                    log::warn!("could not delete redundant copy {}: {e}", session.key);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn claim_upload(&self, id: &str) -> RegistryResult<UploadClaim<'_>> {
+        let mut busy = self.busy_uploads.lock().expect("busy_uploads poisoned");
+        if !busy.insert(id.to_string()) {
+            return Err(RegistryError::UploadBusy);
+        }
+        Ok(UploadClaim {
+            registry: self,
+            id: id.to_string(),
+        })
+    }
+}
+
+/// One writer per session at a time, released on drop.
+struct UploadClaim<'a> {
+    registry: &'a Registry,
+    id: String,
+}
+
+impl Drop for UploadClaim<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut busy) = self.registry.busy_uploads.lock() {
+            busy.remove(&self.id);
+        }
+    }
+}
+
+/// A part being uploaded while the next one fills.
+struct InFlight {
+    handle: JoinHandle<Result<String, StorageError>>,
+    number: u32,
+    size: u64,
+    /// Session offset and hasher state once this part is stored.
+    end_offset: u64,
+    hasher_state: Vec<u8>,
+}
+
+/// Streams a request body into the session's parts.
+struct PartWriter<'a> {
+    reg: &'a Registry,
+    session: UploadSession,
+    hasher: BlobHasher,
+    part_size: u64,
+    /// Bytes received, committed or not.
+    received: u64,
+    /// Bytes of the current part not yet uploaded (starts with the stored pending bytes).
+    buf: BytesMut,
+    /// `buf[fresh_from..]` is not in the store's pending bytes yet.
+    fresh_from: usize,
+    /// The store holds pending bytes that are now part of `buf`.
+    pending_stored: bool,
+    in_flight: Option<InFlight>,
+    /// A part streaming straight from the body: its channel and bytes still to send.
+    direct: Option<(mpsc::Sender<std::io::Result<Bytes>>, u64)>,
+}
+
+impl<'a> PartWriter<'a> {
+    async fn resume(reg: &'a Registry, session: UploadSession) -> RegistryResult<PartWriter<'a>> {
+        let hasher = BlobHasher::resume(&session.hasher)
+            .ok_or_else(|| RegistryError::Internal("unreadable hasher state".into()))?;
+        let in_parts: u64 = session.parts.iter().map(|p| p.size).sum();
+        let pending_len = session.offset - in_parts;
+        let mut buf = BytesMut::new();
+        if pending_len > 0 {
+            let pending = reg.meta.pending(&session.id).await?;
+            if pending.len() as u64 != pending_len {
+                return Err(RegistryError::Internal(format!(
+                    "upload {}: {} pending bytes stored, {} expected",
+                    session.id,
+                    pending.len(),
+                    pending_len
+                )));
+            }
+            buf.extend_from_slice(&pending);
+        }
+        Ok(PartWriter {
+            reg,
+            part_size: reg.settings.part_size,
+            received: session.offset,
+            fresh_from: buf.len(),
+            pending_stored: pending_len > 0,
+            buf,
+            hasher,
+            session,
+            in_flight: None,
+            direct: None,
+        })
+    }
+
+    /// Reads the whole body into parts. On error the session keeps its last committed state.
+    async fn write_body(
+        &mut self,
+        body: &mut dyn BodySource,
+        content_length: Option<u64>,
+    ) -> RegistryResult<()> {
+        let result = self.pump(body, content_length).await;
+        // Ends a direct part's request; one that lacks bytes then fails and is not committed.
+        self.direct = None;
+        let settled = self.settle_in_flight().await;
+        result?;
+        settled
+    }
+
+    async fn pump(
+        &mut self,
+        body: &mut dyn BodySource,
+        content_length: Option<u64>,
+    ) -> RegistryResult<()> {
+        let mut remaining = content_length;
+        while let Some(mut chunk) = body.next_chunk().await.map_err(client_gone)? {
+            if let Some(r) = remaining.as_mut() {
+                *r = r.checked_sub(chunk.len() as u64).ok_or_else(|| {
+                    RegistryError::SizeInvalid("body longer than Content-Length".into())
+                })?;
+            }
+            while !chunk.is_empty() {
+                // At a part boundary with the whole part announced: stream it straight through.
+                let at_boundary = self.buf.is_empty() && self.direct.is_none();
+                let announced = chunk.len() as u64 + remaining.unwrap_or(0);
+                if at_boundary && content_length.is_some() && announced >= self.part_size {
+                    self.start_direct_part().await?;
+                }
+                if let Some((tx, left)) = self.direct.as_mut() {
+                    let n = (*left).min(chunk.len() as u64) as usize;
+                    let piece = chunk.split_to(n);
+                    *left -= n as u64;
+                    let done = *left == 0;
+                    self.hasher.update(&piece);
+                    self.received += n as u64;
+                    if tx.send(Ok(piece)).await.is_err() {
+                        // The part request failed; settle_in_flight reports why.
+                        return Ok(());
+                    }
+                    if done {
+                        // The part has all its bytes: this is its committed state.
+                        self.direct = None;
+                        if let Some(part) = self.in_flight.as_mut() {
+                            part.hasher_state = self.hasher.save();
+                        }
+                    }
+                    continue;
+                }
+                if self.buf.capacity() == 0 {
+                    let want = match remaining {
+                        Some(r) => (chunk.len() as u64 + r).min(self.part_size),
+                        None => self.part_size,
+                    };
+                    self.buf.reserve(want as usize);
+                }
+                let room = (self.part_size - self.buf.len() as u64) as usize;
+                let piece = chunk.split_to(room.min(chunk.len()));
+                self.hasher.update(&piece);
+                self.buf.extend_from_slice(&piece);
+                self.received += piece.len() as u64;
+                if self.buf.len() as u64 == self.part_size {
+                    let part = self.buf.split().freeze();
+                    self.fresh_from = 0;
+                    self.start_buffered_part(part).await?;
+                }
+            }
+        }
+        if remaining.is_some_and(|r| r > 0) {
+            return Err(RegistryError::SizeInvalid(
+                "body shorter than Content-Length".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Number of the part that starts at `received`.
+    fn next_part_number(&self, part_len: u64) -> RegistryResult<u32> {
+        let start = self.received - part_len;
+        let number = start / self.part_size + 1;
+        if number > MAX_PARTS {
+            return Err(RegistryError::SizeInvalid(format!(
+                "blob exceeds {} parts of {} bytes",
+                MAX_PARTS, self.part_size
+            )));
+        }
+        Ok(number as u32)
+    }
+
+    async fn multipart_id(&mut self) -> RegistryResult<String> {
+        if let Some(id) = &self.session.multipart_id {
+            return Ok(id.clone());
+        }
+        let id = self.reg.store.create_multipart(&self.session.key).await?;
+        self.session.multipart_id = Some(id.clone());
+        self.session.updated = unix_now();
+        // Saved at once so that cancel or expiry can abort it.
+        self.reg
+            .meta
+            .save_upload(&self.session, PendingChange::default())
+            .await?;
+        Ok(id)
+    }
+
+    async fn start_buffered_part(&mut self, part: Bytes) -> RegistryResult<()> {
+        self.settle_in_flight().await?;
+        let size = part.len() as u64;
+        let number = self.next_part_number(size)?;
+        let upload_id = self.multipart_id().await?;
+        let store = self.reg.store.clone();
+        let key = self.session.key.clone();
+        let handle = tokio::spawn(async move {
+            store
+                .upload_part(&key, &upload_id, number, ObjectBody::Bytes(part))
+                .await
+        });
+        self.in_flight = Some(InFlight {
+            handle,
+            number,
+            size,
+            end_offset: self.received,
+            hasher_state: self.hasher.save(),
+        });
+        Ok(())
+    }
+
+    async fn start_direct_part(&mut self) -> RegistryResult<()> {
+        self.settle_in_flight().await?;
+        let size = self.part_size;
+        let number = self.next_part_number(0)?;
+        let upload_id = self.multipart_id().await?;
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let store = self.reg.store.clone();
+        let key = self.session.key.clone();
+        let handle = tokio::spawn(async move {
+            let body = ObjectBody::Stream {
+                len: size,
+                chunks: rx,
+            };
+            store.upload_part(&key, &upload_id, number, body).await
+        });
+        self.in_flight = Some(InFlight {
+            handle,
+            number,
+            size,
+            end_offset: self.received + size,
+            hasher_state: Vec::new(), // set when the part's last byte has been hashed
+        });
+        self.direct = Some((tx, size));
+        Ok(())
+    }
+
+    /// Waits for the part in flight and commits it.
+    async fn settle_in_flight(&mut self) -> RegistryResult<()> {
+        let Some(part) = self.in_flight.take() else {
+            return Ok(());
+        };
+        // A direct part gets its hasher state only once all its bytes went through.
+        let complete = !part.hasher_state.is_empty();
+        let result = join(part.handle).await;
+        if !complete {
+            return Err(result
+                .err()
+                .unwrap_or_else(|| RegistryError::SizeInvalid("body ended inside a part".into())));
+        }
+        let etag = result?;
+        self.session.parts.push(Part {
+            number: part.number,
+            etag,
+            size: part.size,
+        });
+        self.session.offset = part.end_offset;
+        self.session.hasher = part.hasher_state;
+        self.session.updated = unix_now();
+        let clear = std::mem::take(&mut self.pending_stored);
+        self.reg
+            .meta
+            .save_upload(
+                &self.session,
+                PendingChange {
+                    clear,
+                    append: None,
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// End of a PATCH: the bytes of the incomplete part become pending bytes in the store.
+    async fn commit_tail(&mut self) -> RegistryResult<()> {
+        let fresh = self.buf.split_off(self.fresh_from).freeze();
+        self.session.offset = self.received;
+        self.session.hasher = self.hasher.save();
+        self.session.updated = unix_now();
+        self.reg
+            .meta
+            .save_upload(
+                &self.session,
+                PendingChange {
+                    clear: false,
+                    append: (!fresh.is_empty()).then_some(fresh),
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// PUT ?digest=: the buffered bytes are the last part; verify, complete, link.
+    async fn finish(mut self, digest: &Digest) -> RegistryResult<()> {
+        if let Err(e) = check_digest(&self.hasher, digest) {
+            self.reg.discard_session(&self.session).await?;
+            return Err(e);
+        }
+        let last = self.buf.split().freeze();
+        let key = self.session.key.clone();
+        match self.session.multipart_id.clone() {
+            None => {
+                // Smaller than one part: a single PutObject.
+                self.reg
+                    .store
+                    .put_object(&key, ObjectBody::Bytes(last))
+                    .await?;
+            }
+            Some(upload_id) => {
+                if !last.is_empty() {
+                    let size = last.len() as u64;
+                    let number = self.next_part_number(size)?;
+                    let etag = self
+                        .reg
+                        .store
+                        .upload_part(&key, &upload_id, number, ObjectBody::Bytes(last))
+                        .await?;
+                    self.session.parts.push(Part { number, etag, size });
+                }
+                let parts: Vec<(u32, String)> = self
+                    .session
+                    .parts
+                    .iter()
+                    .map(|p| (p.number, p.etag.clone()))
+                    .collect();
+                self.reg
+                    .store
+                    .complete_multipart(&key, &upload_id, &parts)
+                    .await?;
+            }
+        }
+        self.reg
+            .link_finished(&self.session, digest, self.received)
+            .await
+    }
+}
+
+fn check_digest(hasher: &BlobHasher, expected: &Digest) -> RegistryResult<()> {
+    let actual = hasher.digest();
+    if &actual == expected {
+        Ok(())
+    } else {
+        Err(RegistryError::DigestInvalid(format!(
+            "expected {expected}, content has {actual}"
+        )))
+    }
+}
+
+fn check_length(actual: u64, announced: u64) -> RegistryResult<()> {
+    if actual == announced {
+        Ok(())
+    } else {
+        Err(RegistryError::SizeInvalid(format!(
+            "Content-Length {announced}, body {actual} bytes"
+        )))
+    }
+}
+
+fn client_gone(e: std::io::Error) -> RegistryError {
+    RegistryError::BlobUploadInvalid(format!("reading the request body: {e}"))
+}
+
+async fn join<T>(h: JoinHandle<Result<T, StorageError>>) -> Result<T, RegistryError> {
+    match h.await {
+        Ok(r) => r.map_err(RegistryError::from),
+        Err(e) => Err(RegistryError::Internal(format!("upload task: {e}"))),
+    }
+}

@@ -1,0 +1,131 @@
+//! Start-up: open the metadata store, start or reach the object store, check the bucket, and
+//! run the pingora server with the registry service and its background tasks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::{Server, ShutdownWatch};
+use pingora_core::services::background::{background_service, BackgroundService};
+
+use crate::config::Config;
+use crate::http::service::BerthService;
+use crate::meta::redb::RedbStore;
+use crate::registry::{Registry, RegistrySettings};
+use crate::storage::embedded::{EmbeddedOptions, EmbeddedS3};
+use crate::storage::ObjectStore;
+
+/// Everything that can stop berth from starting, said plainly.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data directory {path}: {cause}")]
+    DataDir { path: String, cause: std::io::Error },
+    #[error("{0}")]
+    Meta(#[from] crate::meta::MetaError),
+    #[error("embedded object store: {0}")]
+    Embedded(std::io::Error),
+    #[error("object store: {0}")]
+    Storage(#[from] crate::storage::StorageError),
+}
+
+/// Resolves the storage settings (starting the embedded S3 endpoint when none is configured)
+/// and checks that the bucket is reachable.
+pub fn prepare(mut config: Config) -> Result<(Config, Arc<Registry>), StartError> {
+    let dir_err = |cause| StartError::DataDir {
+        path: config.data_dir.display().to_string(),
+        cause,
+    };
+    std::fs::create_dir_all(&config.data_dir).map_err(dir_err)?;
+
+    if config.storage.endpoint.is_none() {
+        let (access_key, secret_key) = EmbeddedS3::random_keys();
+        let s3 = EmbeddedS3::start(EmbeddedOptions {
+            root: config.data_dir.join("objects"),
+            bucket: config.storage.bucket.clone(),
+            listen: "127.0.0.1:0".parse().expect("loopback address"),
+            access_key,
+            secret_key,
+            request_counter: None,
+        })
+        .map_err(StartError::Embedded)?;
+        log::info!("embedded object store on {}", s3.endpoint);
+        config.storage.endpoint = Some(s3.endpoint);
+        config.storage.access_key = s3.access_key;
+        config.storage.secret_key = s3.secret_key;
+    }
+
+    // The check runs on a throwaway runtime with its own client, so that no pooled connection
+    // outlives the runtime it was made on.
+    let probe = ObjectStore::new(&config.storage)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Embedded)?;
+    rt.block_on(probe.check())?;
+    drop(rt);
+
+    let meta = RedbStore::open(&config.data_dir.join("meta.redb"))?;
+    let store = ObjectStore::new(&config.storage)?;
+    let registry = Registry::new(
+        Arc::new(meta),
+        Arc::new(store),
+        RegistrySettings::from_config(&config),
+    );
+    Ok((config, Arc::new(registry)))
+}
+
+/// Runs the server until it is told to stop. Never returns.
+pub fn run(config: Config, registry: Arc<Registry>) -> ! {
+    let conf = ServerConf {
+        threads: config.threads,
+        // Without this pingora waits 5 min on SIGTERM even when idle.
+        grace_period_seconds: Some(config.shutdown_grace.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(5),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut http = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        BerthService::new(registry.clone()),
+        "berth registry",
+    );
+    http.add_tcp(&config.listen.to_string());
+    server.add_service(http);
+    server.add_service(background_service(
+        "upload expiry",
+        UploadExpiry { registry },
+    ));
+    log::info!(
+        "berth {} listening on {}",
+        env!("CARGO_PKG_VERSION"),
+        config.listen
+    );
+    server.run_forever()
+}
+
+/// Aborts upload sessions idle past `upload.session_expiry`.
+struct UploadExpiry {
+    registry: Arc<Registry>,
+}
+
+#[async_trait]
+impl BackgroundService for UploadExpiry {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let every = (self.registry.settings.session_expiry / 4)
+            .clamp(Duration::from_secs(1), Duration::from_secs(300));
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => match self.registry.expire_uploads().await {
+                    Ok(0) => {}
+                    Ok(n) => log::info!("expired {n} idle upload sessions"),
+                    Err(e) => log::warn!("upload expiry: {e}"),
+                },
+            }
+        }
+    }
+}

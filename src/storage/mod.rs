@@ -1,0 +1,373 @@
+//! The object-store client: blob bytes live only in an S3-compatible bucket.
+//!
+//! Every request is signed with SigV4 as a presigned URL (`UNSIGNED-PAYLOAD`), so one signing
+//! path serves the client's own calls, the upstream of proxied blob GETs and 307 redirects.
+//! Requests go through one pooled `reqwest::Client` (client.rs); presigning is in sigv4.rs; the
+//! embedded S3 endpoint (s3s-fs) in embedded.rs.
+//!
+//! Requests per operation (without retries): every method below makes exactly one S3 request.
+//! Requests without a body or with [`ObjectBody::Bytes`] are retried (3 attempts in all,
+//! 100 ms, 200 ms backoff plus jitter) on connection errors, 500/502/503/504 and SlowDown.
+
+pub mod client;
+pub mod embedded;
+pub mod sigv4;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use http::Method;
+
+use crate::config::StorageConfig;
+use client::{RetryPolicy, SendBody, Sender};
+use sigv4::Signer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// Connection refused, DNS failure, timeout: the endpoint cannot be reached.
+    #[error("object store unreachable at {endpoint}: {cause}")]
+    Unreachable { endpoint: String, cause: String },
+    #[error("bucket {bucket:?} does not exist")]
+    NoSuchBucket { bucket: String },
+    /// 403 / InvalidAccessKeyId / SignatureDoesNotMatch.
+    #[error("object store refused the credentials: {code}: {message}")]
+    AccessDenied { code: String, message: String },
+    /// 503 / SlowDown / 5xx still failing after the bounded retries: clients should retry.
+    #[error("object store unavailable: HTTP {status} {code}")]
+    Unavailable { status: u16, code: String },
+    /// Anything else (the S3 error code and message, for the log).
+    #[error("object store error: HTTP {status} {code}: {message}")]
+    Failed {
+        status: u16,
+        code: String,
+        message: String,
+    },
+}
+
+/// A request body for PutObject / UploadPart: always of known length (real S3 requires
+/// Content-Length, no chunked encoding).
+pub enum ObjectBody {
+    /// In memory; re-sendable, so the request is retried on transient errors.
+    Bytes(Bytes),
+    /// Streamed from a channel as it arrives; exactly `len` bytes; not retried.
+    Stream {
+        len: u64,
+        chunks: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    },
+}
+
+/// A presigned request.
+pub struct Presigned {
+    /// Absolute URL (for 307 redirects).
+    pub url: String,
+    /// Path and query only, starting with '/' (for a proxied upstream request).
+    pub path_and_query: String,
+}
+
+/// Where the object store listens, for pingora's upstream peer.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    /// Value for the Host header the signature covers: `host` or `host:port`.
+    pub host_header: String,
+}
+
+pub struct ObjectStore {
+    sender: Sender,
+    upstream: Upstream,
+    prefix: String,
+}
+
+/// The parts of `storage.endpoint` the store needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub tls: bool,
+    /// Without IPv6 brackets.
+    pub host: String,
+    pub port: u16,
+    /// Whether the URL named the port (it then still may be the default one).
+    pub default_port: bool,
+    /// Path prefix of the endpoint without a trailing '/' (usually empty).
+    pub path: String,
+}
+
+impl Endpoint {
+    pub fn parse(url: &str) -> Result<Endpoint, String> {
+        let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err("expected a URL starting with http:// or https://".into()),
+        };
+        let host = uri
+            .host()
+            .filter(|h| !h.is_empty())
+            .ok_or("no host in the URL")?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let default = if tls { 443 } else { 80 };
+        let port = uri.port_u16().unwrap_or(default);
+        if uri.query().is_some() {
+            return Err("the URL must not have a query".into());
+        }
+        let path = uri.path().trim_end_matches('/').to_string();
+        Ok(Endpoint {
+            tls,
+            host,
+            port,
+            default_port: port == default,
+            path,
+        })
+    }
+
+    /// `host` or `host:port` (port only when it is not the scheme's default), IPv6 in brackets.
+    pub fn host_header(&self, host: &str) -> String {
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
+        if self.default_port {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+}
+
+fn config_error(message: String) -> StorageError {
+    StorageError::Failed {
+        status: 0,
+        code: "InvalidConfig".into(),
+        message,
+    }
+}
+
+impl ObjectStore {
+    /// Builds the signer (credentials once) and the pooled HTTP client; no request is sent.
+    /// `cfg.endpoint` must be set (for the embedded store, to its `http://127.0.0.1:PORT`).
+    pub fn new(cfg: &StorageConfig) -> Result<ObjectStore, StorageError> {
+        Self::with_retry(cfg, RetryPolicy::default())
+    }
+
+    pub fn with_retry(
+        cfg: &StorageConfig,
+        retry: RetryPolicy,
+    ) -> Result<ObjectStore, StorageError> {
+        let url = cfg.endpoint.as_deref().ok_or_else(|| {
+            config_error("storage.endpoint is not set (start the embedded S3 first)".into())
+        })?;
+        let ep = Endpoint::parse(url)
+            .map_err(|m| config_error(format!("storage.endpoint {url:?}: {m}")))?;
+        if cfg.bucket.is_empty() || cfg.bucket.contains('/') {
+            return Err(config_error(format!(
+                "storage.bucket {:?} is not a bucket name",
+                cfg.bucket
+            )));
+        }
+        let (host, base_path) = if cfg.path_style {
+            (
+                ep.host.clone(),
+                format!("{}/{}", ep.path, sigv4::encode_key(&cfg.bucket)),
+            )
+        } else {
+            (format!("{}.{}", cfg.bucket, ep.host), ep.path.clone())
+        };
+        let host_header = ep.host_header(&host);
+        let signer = Signer::new(
+            &cfg.access_key,
+            &cfg.secret_key,
+            &cfg.region,
+            if ep.tls { "https" } else { "http" },
+            host_header.clone(),
+            base_path,
+        );
+        let http = Sender::new_http_client().map_err(|e| StorageError::Failed {
+            status: 0,
+            code: "HttpClient".into(),
+            message: e.to_string(),
+        })?;
+        Ok(ObjectStore {
+            sender: Sender {
+                http,
+                signer,
+                endpoint: url.to_string(),
+                bucket: cfg.bucket.clone(),
+                retry,
+            },
+            upstream: Upstream {
+                host,
+                port: ep.port,
+                tls: ep.tls,
+                host_header,
+            },
+            prefix: cfg.prefix.clone(),
+        })
+    }
+
+    /// Startup check: can we reach the endpoint, does the bucket exist, are the credentials
+    /// accepted? The error says which. One HeadBucket request (plus retries).
+    pub async fn check(&self) -> Result<(), StorageError> {
+        match self
+            .sender
+            .send(Method::HEAD, None, &[], SendBody::Empty)
+            .await
+        {
+            Ok(_) => Ok(()),
+            // HEAD has no body: a bare 404 is the bucket.
+            Err(StorageError::Failed { status: 404, .. }) => Err(StorageError::NoSuchBucket {
+                bucket: self.sender.bucket.clone(),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Object key for the bytes of upload `id`: `<prefix>blobs/<id>`.
+    pub fn blob_key(&self, upload_id: &str) -> String {
+        let mut k = String::with_capacity(self.prefix.len() + 6 + upload_id.len());
+        k.push_str(&self.prefix);
+        k.push_str("blobs/");
+        k.push_str(upload_id);
+        k
+    }
+
+    /// Presigned URL for `method` on `key` (no request is made). For a proxied GET, send
+    /// `path_and_query` to [`ObjectStore::upstream`] with `Host: upstream().host_header`.
+    pub fn presign(&self, method: &http::Method, key: &str, ttl: Duration) -> Presigned {
+        self.sender.signer.presign(method, Some(key), &[], ttl)
+    }
+
+    /// As [`ObjectStore::presign`] with extra query parameters that are signed too (e.g.
+    /// `response-content-type`, `partNumber`, `uploadId`).
+    pub fn presign_with_query(
+        &self,
+        method: &http::Method,
+        key: &str,
+        query: &[(&str, &str)],
+        ttl: Duration,
+    ) -> Presigned {
+        self.sender.signer.presign(method, Some(key), query, ttl)
+    }
+
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.sender.bucket
+    }
+
+    /// PutObject, with Content-Length. One request.
+    pub async fn put_object(&self, key: &str, body: ObjectBody) -> Result<(), StorageError> {
+        self.sender
+            .send(Method::PUT, Some(key), &[], body.into())
+            .await
+            .map(|_| ())
+    }
+
+    /// CreateMultipartUpload; returns the UploadId. One request.
+    pub async fn create_multipart(&self, key: &str) -> Result<String, StorageError> {
+        let r = self
+            .sender
+            .send(Method::POST, Some(key), &[("uploads", "")], SendBody::Empty)
+            .await?;
+        client::parse_upload_id(&r.body).ok_or_else(|| StorageError::Failed {
+            status: r.status.as_u16(),
+            code: "MalformedResponse".into(),
+            message: format!(
+                "no UploadId in the CreateMultipartUpload response: {}",
+                String::from_utf8_lossy(&r.body[..r.body.len().min(200)])
+            ),
+        })
+    }
+
+    /// UploadPart, with Content-Length. Returns the part's ETag as S3 sent it (with its
+    /// quotes), to be passed back to [`ObjectStore::complete_multipart`]. One request.
+    pub async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: u32,
+        body: ObjectBody,
+    ) -> Result<String, StorageError> {
+        let n = part_number.to_string();
+        let r = self
+            .sender
+            .send(
+                Method::PUT,
+                Some(key),
+                &[("partNumber", &n), ("uploadId", upload_id)],
+                body.into(),
+            )
+            .await?;
+        r.headers
+            .get(http::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .ok_or_else(|| StorageError::Failed {
+                status: r.status.as_u16(),
+                code: "MalformedResponse".into(),
+                message: "no ETag in the UploadPart response".into(),
+            })
+    }
+
+    /// CompleteMultipartUpload with `(part number, ETag)` in ascending part order. One request
+    /// (a 200 carrying an error document counts as that error).
+    pub async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[(u32, String)],
+    ) -> Result<(), StorageError> {
+        let body = Bytes::from(client::complete_body(parts));
+        self.sender
+            .send(
+                Method::POST,
+                Some(key),
+                &[("uploadId", upload_id)],
+                SendBody::Bytes(body),
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// AbortMultipartUpload. NoSuchUpload counts as success. One request.
+    pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StorageError> {
+        match self
+            .sender
+            .send(
+                Method::DELETE,
+                Some(key),
+                &[("uploadId", upload_id)],
+                SendBody::Empty,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(StorageError::Failed { status: 404, .. }) => Ok(()),
+            Err(StorageError::Failed { code, .. }) if code == "NoSuchUpload" => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// DeleteObject. A missing object counts as success. One request.
+    pub async fn delete_object(&self, key: &str) -> Result<(), StorageError> {
+        match self
+            .sender
+            .send(Method::DELETE, Some(key), &[], SendBody::Empty)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(StorageError::Failed { status: 404, .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
