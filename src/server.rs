@@ -16,6 +16,9 @@ use crate::registry::{Registry, RegistrySettings};
 use crate::storage::embedded::{EmbeddedOptions, EmbeddedS3};
 use crate::storage::ObjectStore;
 
+/// Access key id of the embedded object store (its secret is random per start).
+pub const EMBEDDED_ACCESS_KEY: &str = "berth-embedded";
+
 /// Everything that can stop berth from starting, said plainly.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -39,12 +42,15 @@ pub fn prepare(mut config: Config) -> Result<(Config, Arc<Registry>), StartError
     std::fs::create_dir_all(&config.data_dir).map_err(dir_err)?;
 
     if config.storage.endpoint.is_none() {
-        let (access_key, secret_key) = EmbeddedS3::random_keys();
+        // A new secret every start. The access key id stays the same: s3s-fs binds an
+        // in-progress multipart upload to the key id that created it, and an upload must
+        // survive a restart of berth. The key id is not a secret.
+        let (_, secret_key) = EmbeddedS3::random_keys();
         let s3 = EmbeddedS3::start(EmbeddedOptions {
             root: config.data_dir.join("objects"),
             bucket: config.storage.bucket.clone(),
             listen: "127.0.0.1:0".parse().expect("loopback address"),
-            access_key,
+            access_key: EMBEDDED_ACCESS_KEY.to_string(),
             secret_key,
             request_counter: None,
         })

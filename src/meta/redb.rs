@@ -45,13 +45,17 @@ use super::{
 };
 use crate::registry::names::Digest;
 
+/// `(repo, digest)` / `(repo, tag)`.
+type RepoKey = (&'static str, &'static str);
+/// `(media type, subject, raw body)`.
+type ManifestValue = (&'static str, Option<&'static str>, &'static [u8]);
+
 /// digest -> (size, object key)
 const BLOBS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("blobs");
 /// (repo, digest) -> ()
 const REPO_BLOBS: TableDefinition<(&str, &str), ()> = TableDefinition::new("repo_blobs");
 /// (repo, digest) -> (media type, subject, raw body)
-const MANIFESTS: TableDefinition<(&str, &str), (&str, Option<&str>, &[u8])> =
-    TableDefinition::new("manifests");
+const MANIFESTS: TableDefinition<RepoKey, ManifestValue> = TableDefinition::new("manifests");
 /// (repo, tag) -> digest
 const TAGS: TableDefinition<(&str, &str), &str> = TableDefinition::new("tags");
 /// repo -> ()

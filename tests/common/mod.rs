@@ -1,0 +1,296 @@
+//! Test harness: runs the real `berth` binary on a loopback port, against its embedded object
+//! store or a separate S3 server (s3s-fs) started in the test process, and talks to it over
+//! real HTTP.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth::storage::embedded::{EmbeddedOptions, EmbeddedS3};
+use sha2::{Digest as _, Sha256};
+
+pub const S3_ACCESS_KEY: &str = "testaccesskey";
+pub const S3_SECRET_KEY: &str = "testsecretkey0123456789";
+pub const S3_BUCKET: &str = "registry";
+
+/// An S3 server (s3s-fs) on a loopback port, counting the requests it serves.
+pub struct S3Server {
+    pub endpoint: String,
+    pub requests: Arc<AtomicU64>,
+    pub root: tempfile::TempDir,
+}
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let root = tempfile::tempdir().unwrap();
+        let requests = Arc::new(AtomicU64::new(0));
+        let s3 = EmbeddedS3::start(EmbeddedOptions {
+            root: root.path().to_path_buf(),
+            bucket: S3_BUCKET.into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            access_key: S3_ACCESS_KEY.into(),
+            secret_key: S3_SECRET_KEY.into(),
+            request_counter: Some(requests.clone()),
+        })
+        .unwrap();
+        S3Server {
+            endpoint: s3.endpoint,
+            requests,
+            root,
+        }
+    }
+
+    pub fn request_count(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// The `storage:` section pointing berth at this server.
+    pub fn storage_yaml(&self) -> String {
+        format!(
+            "storage:\n  endpoint: {}\n  region: us-east-1\n  bucket: {S3_BUCKET}\n  prefix: berth/\n  access_key: {S3_ACCESS_KEY}\n  secret_key: {S3_SECRET_KEY}\n  path_style: true\n",
+            self.endpoint
+        )
+    }
+
+    /// Files under the bucket (objects), for asserting what was stored.
+    pub fn object_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        walk(&self.root.path().join(S3_BUCKET), &mut out);
+        out
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            walk(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+/// A running berth process.
+pub struct Berth {
+    child: Option<Child>,
+    pub port: u16,
+    pub data_dir: tempfile::TempDir,
+    config_path: PathBuf,
+    log_path: PathBuf,
+}
+
+impl Berth {
+    /// berth with its embedded object store and `extra_yaml` appended to the config.
+    pub fn start(extra_yaml: &str) -> Berth {
+        Self::start_with(extra_yaml, None)
+    }
+
+    /// berth against `s3` (or its embedded store when None).
+    pub fn start_with(extra_yaml: &str, s3: Option<&S3Server>) -> Berth {
+        let data_dir = tempfile::tempdir().unwrap();
+        let config_path = data_dir.path().join("berth.yaml");
+        let log_path = data_dir.path().join("berth.log");
+        let mut yaml = String::new();
+        if let Some(s3) = s3 {
+            yaml.push_str(&s3.storage_yaml());
+        }
+        yaml.push_str(extra_yaml);
+        std::fs::write(&config_path, yaml).unwrap();
+        let mut b = Berth {
+            child: None,
+            port: free_port(),
+            data_dir,
+            config_path,
+            log_path,
+        };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data-dir")
+            .arg(self.data_dir.path().join("data"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn berth");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let url = self.url("/v2/");
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("berth exited with {status} at start:\n{}", self.log());
+            }
+            if let Ok(r) = client().get(&url).timeout(Duration::from_secs(2)).send() {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("berth not ready after 30s:\n{}", self.log());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Kills berth abruptly (no graceful shutdown) and starts it again on the same port and
+    /// data directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Peak resident set size of the berth process so far, in KiB (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM:")
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmRSS:")
+    }
+
+    /// Resets VmHWM to the current RSS.
+    pub fn reset_peak_rss(&self) {
+        std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5").unwrap();
+    }
+}
+
+impl Drop for Berth {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{field} not in /proc/{pid}/status"))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A client that does not follow redirects (tests look at the 307 themselves).
+pub fn client() -> reqwest::blocking::Client {
+    // reqwest is built without a default TLS crypto provider; berth uses ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::blocking::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(600))
+        .build()
+        .unwrap()
+}
+
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so large blobs need no memory to describe.
+pub struct PseudoRandom {
+    state: u64,
+    left: u64,
+}
+
+impl PseudoRandom {
+    pub fn new(seed: u64, len: u64) -> Self {
+        PseudoRandom {
+            state: seed | 1,
+            left: len,
+        }
+    }
+
+    /// sha256 digest of the whole stream, computed without holding it.
+    pub fn digest(seed: u64, len: u64) -> String {
+        let mut r = PseudoRandom::new(seed, len);
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = r.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        format!("sha256:{}", hex::encode(h.finalize()))
+    }
+}
+
+impl Read for PseudoRandom {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.left) as usize;
+        let mut i = 0;
+        while i < n {
+            self.state ^= self.state << 13;
+            self.state ^= self.state >> 7;
+            self.state ^= self.state << 17;
+            let word = self.state.to_le_bytes();
+            let k = (n - i).min(8);
+            buf[i..i + k].copy_from_slice(&word[..k]);
+            i += k;
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// The OCI error code of an error response body.
+pub fn error_code(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body)
+        .unwrap_or_else(|e| panic!("error body is not JSON ({e}): {body}"));
+    v["errors"][0]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no errors[0].code in {body}"))
+        .to_string()
+}
