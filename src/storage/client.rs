@@ -274,9 +274,13 @@ pub fn map_error(status: StatusCode, code: String, message: String, bucket: &str
     }
 }
 
-/// The reqwest error and its sources, for a log line.
+/// The reqwest error and its sources, for a log line. The URL is left out: it is presigned,
+/// and its query string is a credential until it expires.
 fn error_chain(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
+    let mut s = match e.url() {
+        Some(url) => e.to_string().replace(url.as_str(), url.path()),
+        None => e.to_string(),
+    };
     let mut src = std::error::Error::source(e);
     while let Some(inner) = src {
         s.push_str(": ");

@@ -170,6 +170,12 @@ async fn check_on_a_closed_port_is_unreachable() {
     let t = Instant::now();
     let err = ObjectStore::new(&c).unwrap().check().await.unwrap_err();
     assert!(matches!(err, StorageError::Unreachable { .. }), "{err:?}");
+    // The message reaches logs: no presigned query string (a credential) in it.
+    let text = err.to_string();
+    assert!(
+        !text.contains("X-Amz-Signature") && !text.contains("X-Amz-Credential"),
+        "{text}"
+    );
     // Retried: 100 ms + 200 ms of backoff at least.
     assert!(
         t.elapsed() >= Duration::from_millis(300),
