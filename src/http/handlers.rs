@@ -280,15 +280,12 @@ fn content_range_start(s: &Session) -> RegistryResult<Option<u64>> {
         .trim()
         .trim_start_matches("bytes")
         .trim_start_matches([' ', '=']);
-    let (start, end) = spec
-        .split_once('-')
-        .ok_or_else(|| RegistryError::RangeInvalid { offset: 0 })?;
+    let malformed = || RegistryError::BlobUploadInvalid(format!("Content-Range {v:?}"));
+    let (start, end) = spec.split_once('-').ok_or_else(malformed)?;
     let end = end.split('/').next().unwrap_or(end);
     match (start.trim().parse::<u64>(), end.trim().parse::<u64>()) {
         (Ok(start), Ok(end)) if end >= start => Ok(Some(start)),
-        _ => Err(RegistryError::BlobUploadInvalid(format!(
-            "Content-Range {v:?}"
-        ))),
+        _ => Err(malformed()),
     }
 }
 

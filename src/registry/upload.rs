@@ -222,7 +222,7 @@ impl Registry {
         let stored = join(put).await;
         let outcome = read
             .and_then(|_| check_length(n, len))
-            .and_then(|_| stored.map_err(RegistryError::from))
+            .and(stored)
             .and_then(|_| check_digest(&hasher, digest));
         if let Err(e) = outcome {
             // Never leave bytes where they could be served under a digest they don't have.
