@@ -10,6 +10,8 @@ use crate::registry::RegistryError;
 pub const API_VERSION_HEADER: &str = "Docker-Distribution-API-Version";
 pub const API_VERSION: &str = "registry/2.0";
 pub const JSON: &str = "application/json";
+/// Seconds a client should wait before retrying after a 503.
+pub const RETRY_AFTER_SECS: &str = "2";
 
 /// A response header with the headers every answer carries.
 pub fn header(status: u16) -> ResponseHeader {
@@ -58,8 +60,11 @@ pub async fn send_empty(
 pub async fn send_error(session: &mut Session, err: &RegistryError, head: bool) -> Result<()> {
     let mut h = header(err.status().as_u16());
     set(&mut h, "Content-Type", JSON);
-    if let RegistryError::RangeInvalid { offset } = err {
-        set(&mut h, "Range", range_value(*offset));
+    match err {
+        RegistryError::RangeInvalid { offset } => set(&mut h, "Range", range_value(*offset)),
+        // The object store was busy or away after berth's own retries: ask for a retry.
+        RegistryError::Unavailable(_) => set(&mut h, "Retry-After", RETRY_AFTER_SECS),
+        _ => {}
     }
     send(session, h, Bytes::from(err.body()), head).await
 }

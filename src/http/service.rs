@@ -15,7 +15,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use super::endpoint::Endpoint;
 use super::handlers::{handle, Outcome};
-use super::response::{send_error, set, API_VERSION, API_VERSION_HEADER, JSON};
+use super::response::{send_error, set, API_VERSION, API_VERSION_HEADER, JSON, RETRY_AFTER_SECS};
 use crate::registry::names::Digest;
 use crate::registry::{Registry, RegistryError};
 use crate::storage::Upstream;
@@ -218,6 +218,9 @@ impl ProxyHttp for BerthService {
             resp.remove_header("Content-Range");
             resp.insert_header("Content-Type", JSON)?;
             resp.insert_header("Content-Length", body.len().to_string())?;
+            if matches!(err, RegistryError::Unavailable(_)) {
+                resp.insert_header("Retry-After", RETRY_AFTER_SECS)?;
+            }
             ctx.error_body = Some(body);
             return Ok(());
         }
