@@ -142,8 +142,17 @@ pub async fn handle(reg: &Registry, s: &mut Session, ep: Endpoint) -> RegistryRe
             reply(send_empty(s, upload_header(204, &session), None).await)
         }
         Endpoint::PatchUpload { name, id } => {
-            let range_start = content_range_start(s)?;
+            let range = content_range(s)?;
             let length = content_length(s)?;
+            // As distribution: a chunk must be as long as its Content-Range says.
+            if let (Some((start, end)), Some(len)) = (range, length) {
+                if end - start + 1 != len {
+                    return Err(RegistryError::SizeInvalid(format!(
+                        "Content-Range {start}-{end} with Content-Length {len}"
+                    )));
+                }
+            }
+            let range_start = range.map(|(start, _)| start);
             let session = reg
                 .append_upload(&name, &id, range_start, length, &mut DownstreamBody(s))
                 .await?;
@@ -272,7 +281,7 @@ fn content_length(s: &Session) -> RegistryResult<Option<u64>> {
 }
 
 /// `Content-Range: <start>-<end>` on a PATCH (docker sends it without the `bytes ` unit).
-fn content_range_start(s: &Session) -> RegistryResult<Option<u64>> {
+fn content_range(s: &Session) -> RegistryResult<Option<(u64, u64)>> {
     let Some(v) = header_str(s, "content-range") else {
         return Ok(None);
     };
@@ -284,7 +293,7 @@ fn content_range_start(s: &Session) -> RegistryResult<Option<u64>> {
     let (start, end) = spec.split_once('-').ok_or_else(malformed)?;
     let end = end.split('/').next().unwrap_or(end);
     match (start.trim().parse::<u64>(), end.trim().parse::<u64>()) {
-        (Ok(start), Ok(end)) if end >= start => Ok(Some(start)),
+        (Ok(start), Ok(end)) if end >= start => Ok(Some((start, end))),
         _ => Err(malformed()),
     }
 }

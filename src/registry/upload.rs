@@ -91,8 +91,15 @@ impl Registry {
         let _writer = self.claim_upload(id)?;
         let session = self.upload_status(repo, id).await?;
         match content_length {
-            // The whole blob in one request of known length: one streaming PutObject.
-            Some(len) if session.offset == 0 && len > 0 && len <= MAX_PUT_OBJECT => {
+            // The whole blob in one request of known length: one streaming PutObject. Not when
+            // an earlier request began a multipart upload (and went away before committing
+            // anything): the parts path completes that upload instead of orphaning it.
+            Some(len)
+                if session.offset == 0
+                    && session.multipart_id.is_none()
+                    && len > 0
+                    && len <= MAX_PUT_OBJECT =>
+            {
                 self.put_whole(session, digest, len, body).await
             }
             _ => {
@@ -185,7 +192,11 @@ impl Registry {
                 n += chunk.len() as u64;
             }
             check_length(n, len)?;
-            check_digest(&hasher, digest)?;
+            if let Err(e) = check_digest(&hasher, digest) {
+                // As below (and as distribution does): a digest mismatch ends the session.
+                self.meta.delete_upload(&session.id).await?;
+                return Err(e);
+            }
             self.meta
                 .finish_upload(&session.id, &session.repo, digest, existing)
                 .await?;

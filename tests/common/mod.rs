@@ -86,6 +86,8 @@ pub struct Berth {
     pub data_dir: tempfile::TempDir,
     config_path: PathBuf,
     log_path: PathBuf,
+    /// Extra environment for the berth process (kept across restarts).
+    env: Vec<(String, String)>,
 }
 
 impl Berth {
@@ -96,6 +98,12 @@ impl Berth {
 
     /// berth against `s3` (or its embedded store when None).
     pub fn start_with(extra_yaml: &str, s3: Option<&S3Server>) -> Berth {
+        Self::start_with_env(extra_yaml, s3, &[])
+    }
+
+    /// As [`Berth::start_with`], with extra environment variables for the berth process
+    /// (e.g. glibc malloc tunables for memory measurements).
+    pub fn start_with_env(extra_yaml: &str, s3: Option<&S3Server>, env: &[(&str, &str)]) -> Berth {
         let data_dir = tempfile::tempdir().unwrap();
         let config_path = data_dir.path().join("berth.yaml");
         let log_path = data_dir.path().join("berth.log");
@@ -111,6 +119,10 @@ impl Berth {
             data_dir,
             config_path,
             log_path,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         b.spawn();
         b
@@ -131,6 +143,7 @@ impl Berth {
             .arg("--data-dir")
             .arg(self.data_dir.path().join("data"))
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -238,9 +251,15 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so large blobs need no memory to describe.
+///
+/// The stream does not depend on how it is read: bytes of a word that one `read` could not
+/// take are handed out by the next (readers such as reqwest's use buffers of any size).
 pub struct PseudoRandom {
     state: u64,
     left: u64,
+    /// The current word; `word[used..]` not handed out yet.
+    word: [u8; 8],
+    used: usize,
 }
 
 impl PseudoRandom {
@@ -248,6 +267,8 @@ impl PseudoRandom {
         PseudoRandom {
             state: seed | 1,
             left: len,
+            word: [0; 8],
+            used: 8,
         }
     }
 
@@ -272,12 +293,16 @@ impl Read for PseudoRandom {
         let n = (buf.len() as u64).min(self.left) as usize;
         let mut i = 0;
         while i < n {
-            self.state ^= self.state << 13;
-            self.state ^= self.state >> 7;
-            self.state ^= self.state << 17;
-            let word = self.state.to_le_bytes();
-            let k = (n - i).min(8);
-            buf[i..i + k].copy_from_slice(&word[..k]);
+            if self.used == 8 {
+                self.state ^= self.state << 13;
+                self.state ^= self.state >> 7;
+                self.state ^= self.state << 17;
+                self.word = self.state.to_le_bytes();
+                self.used = 0;
+            }
+            let k = (n - i).min(8 - self.used);
+            buf[i..i + k].copy_from_slice(&self.word[self.used..self.used + k]);
+            self.used += k;
             i += k;
         }
         self.left -= n as u64;
