@@ -233,7 +233,8 @@ impl Endpoint {
             Route::Referrers(d) if get => Ok(Endpoint::Referrers {
                 name,
                 digest: parse_digest(d)?,
-                artifact_type: q.get("artifactType"),
+                // An empty value is no filter (as distribution).
+                artifact_type: q.get("artifactType").filter(|a| !a.is_empty()),
             }),
             _ => Err(RegistryError::Unsupported),
         }
