@@ -2166,7 +2166,7 @@ fn catalog_and_pagination() {
     let v: Value = reg.get("/v2/_catalog").json_value();
     assert_eq!(v["repositories"], json!([]));
 
-    let mut repos = vec![
+    let mut repos = [
         "zeta",
         "alpha",
         "library/ubuntu",
