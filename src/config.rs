@@ -44,6 +44,23 @@ pub struct Config {
     pub log_level: String,
     /// On SIGTERM: how long running requests may go on after the listener closes.
     pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+    /// One access-log line per request.
+    pub access_log: bool,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    /// JSON lines.
+    Json,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MetricsConfig {
+    /// Address of the operations listener (`/metrics`, `/healthz`, `/readyz`); off when None.
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Clone)]
@@ -102,6 +119,10 @@ struct RawConfig {
     threads: Option<serde_yaml::Value>,
     log_level: Option<serde_yaml::Value>,
     shutdown_grace: Option<serde_yaml::Value>,
+    log_format: Option<serde_yaml::Value>,
+    access_log: Option<serde_yaml::Value>,
+    #[serde(default)]
+    metrics: RawMetrics,
     #[serde(default)]
     storage: RawStorage,
     #[serde(default)]
@@ -120,6 +141,12 @@ struct RawStorage {
     path_style: Option<serde_yaml::Value>,
     blob_serving: Option<serde_yaml::Value>,
     presign_ttl: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -201,6 +228,28 @@ impl Config {
         let shutdown_grace = r
             .duration("shutdown_grace", raw.shutdown_grace)?
             .unwrap_or(Duration::from_secs(10));
+
+        let log_format = match r.string("log_format", raw.log_format)?.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "log_format",
+                    format!("expected text or json, got {other:?}"),
+                ))
+            }
+        };
+        let access_log = r.bool("access_log", raw.access_log)?.unwrap_or(true);
+        let metrics = MetricsConfig {
+            listen: r
+                .string("metrics.listen", raw.metrics.listen)?
+                .map(|a| {
+                    a.parse().map_err(|e| {
+                        ConfigError::new("metrics.listen", format!("not an address: {e}"))
+                    })
+                })
+                .transpose()?,
+        };
 
         let s = raw.storage;
         let endpoint = r.string("storage.endpoint", s.endpoint)?;
@@ -307,6 +356,9 @@ impl Config {
             },
             log_level,
             shutdown_grace,
+            log_format,
+            access_log,
+            metrics,
         })
     }
 }
@@ -478,6 +530,8 @@ mod tests {
                 "storage.access_key",
             ),
             ("threads: 0\n", "threads"),
+            ("log_format: xml\n", "log_format"),
+            ("metrics:\n  listen: here\n", "metrics.listen"),
         ];
         for (yaml, key) in cases {
             let err = Config::from_yaml(yaml, &Overrides::default(), &no_env).unwrap_err();
