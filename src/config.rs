@@ -48,6 +48,73 @@ pub struct Config {
     /// One access-log line per request.
     pub access_log: bool,
     pub metrics: MetricsConfig,
+    /// Downstream TLS; plain HTTP when None.
+    pub tls: Option<TlsConfig>,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
+}
+
+/// `tls:`: the registry listener speaks HTTPS (HTTP/1.1 and HTTP/2 via ALPN).
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub certificate: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA bundles for client certificates; when not empty, clients must present a
+    /// certificate signed by one of them (mTLS).
+    pub client_cas: Vec<PathBuf>,
+}
+
+/// `auth:`: who may do what. Absent (or `auth: none`): everyone may do everything.
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// Repository patterns (`*` matches any run of characters) anyone may pull without
+    /// credentials.
+    pub anonymous_pull: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum AuthMode {
+    #[default]
+    None,
+    /// `auth.htpasswd`: HTTP Basic against an htpasswd file of bcrypt entries.
+    Htpasswd { realm: String, path: PathBuf },
+    /// `auth.token`: Docker token authentication (bearer JWTs from an external issuer).
+    Token {
+        realm: String,
+        service: String,
+        issuer: String,
+        root_cert_bundle: PathBuf,
+    },
+}
+
+/// `limits:`: bounds against abuse.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Largest blob accepted; None: only S3's own limit (10,000 parts).
+    pub max_blob_size: Option<u64>,
+    /// Requests writing upload bytes at the same time; None: unbounded.
+    pub max_concurrent_uploads: Option<usize>,
+    /// Largest request header section (request line + headers).
+    pub max_header_bytes: usize,
+    /// A request body read that waits longer than this fails the request.
+    pub read_timeout: Duration,
+    /// How long an idle keep-alive connection waits for its next request.
+    pub idle_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_blob_size: None,
+            max_concurrent_uploads: None,
+            max_header_bytes: 64 * 1024,
+            read_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +143,8 @@ pub struct StorageConfig {
     pub path_style: bool,
     pub blob_serving: BlobServing,
     pub presign_ttl: Duration,
+    /// PEM CA bundle trusted for an `https://` endpoint instead of the system roots.
+    pub ca_bundle: Option<PathBuf>,
 }
 
 // Hand-written so the secret key never reaches a log line.
@@ -91,6 +160,7 @@ impl fmt::Debug for StorageConfig {
             .field("path_style", &self.path_style)
             .field("blob_serving", &self.blob_serving)
             .field("presign_ttl", &self.presign_ttl)
+            .field("ca_bundle", &self.ca_bundle)
             .finish()
     }
 }
@@ -123,6 +193,11 @@ struct RawConfig {
     access_log: Option<serde_yaml::Value>,
     #[serde(default)]
     metrics: RawMetrics,
+    tls: Option<RawTls>,
+    /// `none` or a mapping (see [`RawAuth`]).
+    auth: Option<serde_yaml::Value>,
+    #[serde(default)]
+    limits: RawLimits,
     #[serde(default)]
     storage: RawStorage,
     #[serde(default)]
@@ -141,6 +216,49 @@ struct RawStorage {
     path_style: Option<serde_yaml::Value>,
     blob_serving: Option<serde_yaml::Value>,
     presign_ttl: Option<serde_yaml::Value>,
+    ca_bundle: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    certificate: Option<serde_yaml::Value>,
+    key: Option<serde_yaml::Value>,
+    clientcas: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    htpasswd: Option<RawHtpasswd>,
+    token: Option<RawToken>,
+    anonymous_pull: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHtpasswd {
+    realm: Option<serde_yaml::Value>,
+    path: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    realm: Option<serde_yaml::Value>,
+    service: Option<serde_yaml::Value>,
+    issuer: Option<serde_yaml::Value>,
+    rootcertbundle: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_blob_size: Option<serde_yaml::Value>,
+    max_concurrent_uploads: Option<serde_yaml::Value>,
+    max_header_bytes: Option<serde_yaml::Value>,
+    read_timeout: Option<serde_yaml::Value>,
+    idle_timeout: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -317,6 +435,9 @@ impl Config {
             path_style: r.bool("storage.path_style", s.path_style)?.unwrap_or(true),
             blob_serving,
             presign_ttl,
+            ca_bundle: r
+                .string("storage.ca_bundle", s.ca_bundle)?
+                .map(PathBuf::from),
         };
 
         let u = raw.upload;
@@ -359,8 +480,166 @@ impl Config {
             log_format,
             access_log,
             metrics,
+            tls: tls_config(&r, raw.tls)?,
+            auth: auth_config(&r, raw.auth)?,
+            limits: limits_config(&r, raw.limits)?,
         })
     }
+}
+
+fn required(key: &str, v: Option<String>) -> Result<String, ConfigError> {
+    v.filter(|s| !s.is_empty())
+        .ok_or_else(|| ConfigError::new(key, "required"))
+}
+
+fn tls_config(r: &Resolver, raw: Option<RawTls>) -> Result<Option<TlsConfig>, ConfigError> {
+    let Some(t) = raw else { return Ok(None) };
+    Ok(Some(TlsConfig {
+        certificate: required(
+            "tls.certificate",
+            r.string("tls.certificate", t.certificate)?,
+        )?
+        .into(),
+        key: required("tls.key", r.string("tls.key", t.key)?)?.into(),
+        client_cas: r
+            .list("tls.clientcas", t.clientcas)?
+            .into_iter()
+            .map(PathBuf::from)
+            .collect(),
+    }))
+}
+
+fn auth_config(r: &Resolver, raw: Option<serde_yaml::Value>) -> Result<AuthConfig, ConfigError> {
+    use serde_yaml::Value;
+    let raw: RawAuth = match raw {
+        None | Some(Value::Null) => return Ok(AuthConfig::default()),
+        Some(v @ Value::Mapping(_)) => {
+            serde_yaml::from_value(v).map_err(|e| ConfigError::new("auth", e.to_string()))?
+        }
+        Some(v) => {
+            return match r.string("auth", Some(v))?.as_deref() {
+                Some("none") => Ok(AuthConfig::default()),
+                _ => Err(ConfigError::new(
+                    "auth",
+                    "expected none, or a mapping with htpasswd or token",
+                )),
+            }
+        }
+    };
+    let mode = match (raw.htpasswd, raw.token) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                "auth",
+                "configure one of auth.htpasswd and auth.token, not both",
+            ))
+        }
+        (Some(h), None) => AuthMode::Htpasswd {
+            realm: r
+                .string("auth.htpasswd.realm", h.realm)?
+                .unwrap_or_else(|| "berth".into()),
+            path: required(
+                "auth.htpasswd.path",
+                r.string("auth.htpasswd.path", h.path)?,
+            )?
+            .into(),
+        },
+        (None, Some(t)) => AuthMode::Token {
+            realm: required("auth.token.realm", r.string("auth.token.realm", t.realm)?)?,
+            service: required(
+                "auth.token.service",
+                r.string("auth.token.service", t.service)?,
+            )?,
+            issuer: required(
+                "auth.token.issuer",
+                r.string("auth.token.issuer", t.issuer)?,
+            )?,
+            root_cert_bundle: required(
+                "auth.token.rootcertbundle",
+                r.string("auth.token.rootcertbundle", t.rootcertbundle)?,
+            )?
+            .into(),
+        },
+        (None, None) => AuthMode::None,
+    };
+    if let AuthMode::Htpasswd { realm, .. } | AuthMode::Token { realm, .. } = &mode {
+        // The realm goes into a quoted header parameter.
+        if realm.contains(['"', '\\']) || realm.chars().any(|c| c.is_control()) {
+            return Err(ConfigError::new(
+                "auth.realm",
+                "must not contain quotes, backslashes or control characters",
+            ));
+        }
+    }
+    let anonymous_pull = r.list("auth.anonymous_pull", raw.anonymous_pull)?;
+    for p in &anonymous_pull {
+        let ok = !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/*".contains(&b));
+        if !ok {
+            return Err(ConfigError::new(
+                "auth.anonymous_pull",
+                format!("{p:?} is not a repository pattern (lower-case name characters and *)"),
+            ));
+        }
+    }
+    if !anonymous_pull.is_empty() && mode == AuthMode::None {
+        return Err(ConfigError::new(
+            "auth.anonymous_pull",
+            "needs auth.htpasswd or auth.token (without auth everyone may pull already)",
+        ));
+    }
+    Ok(AuthConfig {
+        mode,
+        anonymous_pull,
+    })
+}
+
+fn limits_config(r: &Resolver, l: RawLimits) -> Result<LimitsConfig, ConfigError> {
+    let d = LimitsConfig::default();
+    let max_blob_size = r.size("limits.max_blob_size", l.max_blob_size)?;
+    if max_blob_size == Some(0) {
+        return Err(ConfigError::new("limits.max_blob_size", "must be above 0"));
+    }
+    let max_concurrent_uploads =
+        match r.string("limits.max_concurrent_uploads", l.max_concurrent_uploads)? {
+            None => None,
+            Some(n) => Some(n.parse::<usize>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                ConfigError::new(
+                    "limits.max_concurrent_uploads",
+                    "expected a whole number >= 1",
+                )
+            })?),
+        };
+    let max_header_bytes = r
+        .size("limits.max_header_bytes", l.max_header_bytes)?
+        .map_or(d.max_header_bytes, |n| n as usize);
+    if !(1024..=1024 * 1024).contains(&max_header_bytes) {
+        return Err(ConfigError::new(
+            "limits.max_header_bytes",
+            "must be between 1KiB and 1MiB (pingora's own limit)",
+        ));
+    }
+    let read_timeout = r
+        .duration("limits.read_timeout", l.read_timeout)?
+        .unwrap_or(d.read_timeout);
+    let idle_timeout = r
+        .duration("limits.idle_timeout", l.idle_timeout)?
+        .unwrap_or(d.idle_timeout);
+    for (key, v) in [
+        ("limits.read_timeout", read_timeout),
+        ("limits.idle_timeout", idle_timeout),
+    ] {
+        if v < Duration::from_secs(1) {
+            return Err(ConfigError::new(key, "must be at least 1s"));
+        }
+    }
+    Ok(LimitsConfig {
+        max_blob_size,
+        max_concurrent_uploads,
+        max_header_bytes,
+        read_timeout,
+        idle_timeout,
+    })
 }
 
 /// Turns raw YAML scalars into typed values, resolving `_env:NAME` first.
@@ -391,6 +670,21 @@ impl Resolver<'_> {
                 )),
             },
             None => Ok(Some(text)),
+        }
+    }
+
+    /// A list of scalars, or one scalar as a list of one.
+    fn list(
+        &self,
+        key: &str,
+        value: Option<serde_yaml::Value>,
+    ) -> Result<Vec<String>, ConfigError> {
+        match value {
+            Some(serde_yaml::Value::Sequence(items)) => items
+                .into_iter()
+                .map(|v| self.string(key, Some(v)).map(Option::unwrap_or_default))
+                .collect(),
+            other => Ok(self.string(key, other)?.into_iter().collect()),
         }
     }
 
@@ -559,6 +853,104 @@ mod tests {
             !dbg.contains("verysecret") && !dbg.contains("AKIDSECRET"),
             "{dbg}"
         );
+    }
+
+    #[test]
+    fn security_sections_default_to_off() {
+        let c = Config::from_yaml("", &Overrides::default(), &no_env).unwrap();
+        assert!(c.tls.is_none());
+        assert_eq!(c.auth.mode, AuthMode::None);
+        assert!(c.limits.max_blob_size.is_none());
+        assert!(c.limits.max_concurrent_uploads.is_none());
+        assert!(c.storage.ca_bundle.is_none());
+        let c = Config::from_yaml("auth: none\n", &Overrides::default(), &no_env).unwrap();
+        assert_eq!(c.auth.mode, AuthMode::None);
+    }
+
+    #[test]
+    fn security_sections_parse() {
+        let yaml = "tls:\n  certificate: /c.pem\n  key: _env:KEY\n  clientcas: [/ca1.pem, /ca2.pem]\n\
+                    auth:\n  htpasswd:\n    realm: reg\n    path: /h\n  anonymous_pull: [\"public/*\", lib]\n\
+                    limits:\n  max_blob_size: 1GiB\n  max_concurrent_uploads: 4\n  max_header_bytes: 16KiB\n  read_timeout: 30s\n  idle_timeout: 5s\n\
+                    storage:\n  ca_bundle: /ca.pem\n";
+        let env = |n: &str| (n == "KEY").then(|| "/k.pem".to_string());
+        let c = Config::from_yaml(yaml, &Overrides::default(), &env).unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.key, PathBuf::from("/k.pem"));
+        assert_eq!(tls.client_cas.len(), 2);
+        assert_eq!(
+            c.auth.mode,
+            AuthMode::Htpasswd {
+                realm: "reg".into(),
+                path: "/h".into()
+            }
+        );
+        assert_eq!(c.auth.anonymous_pull, vec!["public/*", "lib"]);
+        assert_eq!(c.limits.max_blob_size, Some(1 << 30));
+        assert_eq!(c.limits.max_concurrent_uploads, Some(4));
+        assert_eq!(c.limits.max_header_bytes, 16 << 10);
+        assert_eq!(c.limits.read_timeout, Duration::from_secs(30));
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(5));
+        assert_eq!(c.storage.ca_bundle, Some(PathBuf::from("/ca.pem")));
+
+        let yaml = "auth:\n  token:\n    realm: https://auth/token\n    service: reg\n    issuer: iss\n    rootcertbundle: /b.pem\n";
+        let c = Config::from_yaml(yaml, &Overrides::default(), &no_env).unwrap();
+        assert!(matches!(c.auth.mode, AuthMode::Token { ref service, .. } if service == "reg"));
+        // One client CA may be given as a plain string.
+        let c = Config::from_yaml(
+            "tls:\n  certificate: c\n  key: k\n  clientcas: /ca.pem\n",
+            &Overrides::default(),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(c.tls.unwrap().client_cas, vec![PathBuf::from("/ca.pem")]);
+    }
+
+    #[test]
+    fn bad_security_values_fail_naming_the_key() {
+        let cases = [
+            ("tls:\n  key: k\n", "tls.certificate"),
+            ("tls:\n  certificate: c\n", "tls.key"),
+            ("auth: basic\n", "auth"),
+            ("auth:\n  htpasswd:\n    realm: r\n", "auth.htpasswd.path"),
+            ("auth:\n  htpasswd:\n    path: p\n    relm: r\n", "auth"),
+            (
+                "auth:\n  token:\n    realm: r\n    service: s\n    issuer: i\n",
+                "auth.token.rootcertbundle",
+            ),
+            (
+                "auth:\n  htpasswd:\n    path: p\n  token:\n    realm: r\n",
+                "auth",
+            ),
+            (
+                "auth:\n  htpasswd:\n    path: p\n    realm: 'a\"b'\n",
+                "auth.realm",
+            ),
+            (
+                "auth:\n  htpasswd:\n    path: p\n  anonymous_pull: [\"Public/*\"]\n",
+                "auth.anonymous_pull",
+            ),
+            (
+                "auth:\n  anonymous_pull: [\"a/*\"]\n",
+                "auth.anonymous_pull",
+            ),
+            ("limits:\n  max_blob_size: 0\n", "limits.max_blob_size"),
+            ("limits:\n  max_blob_size: huge\n", "limits.max_blob_size"),
+            (
+                "limits:\n  max_concurrent_uploads: 0\n",
+                "limits.max_concurrent_uploads",
+            ),
+            (
+                "limits:\n  max_header_bytes: 10\n",
+                "limits.max_header_bytes",
+            ),
+            ("limits:\n  read_timeout: 0s\n", "limits.read_timeout"),
+            ("limits:\n  idle_timeout: x\n", "limits.idle_timeout"),
+        ];
+        for (yaml, key) in cases {
+            let err = Config::from_yaml(yaml, &Overrides::default(), &no_env).unwrap_err();
+            assert_eq!(err.key, key, "{yaml}: {err}");
+        }
     }
 
     #[test]

@@ -13,10 +13,15 @@
 //! - [`meta`]: the [`meta::MetaStore`] trait and its embedded redb backend.
 //! - [`storage`]: the S3 client (SigV4 presigning, multipart) and the embedded S3 endpoint.
 //! - [`config`]: the YAML config with `_env:NAME` values.
+//! - [`auth`]: authentication (htpasswd, Docker tokens), per-repository access, limits.
+//! - [`tls`]: downstream TLS (certificate reload on SIGHUP, mTLS).
 
+pub mod auth;
 pub mod config;
 pub mod http;
 pub mod meta;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod storage;
+pub mod tls;

@@ -8,9 +8,12 @@ use async_trait::async_trait;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{Server, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
+use pingora_core::services::listening::Service;
 
 use crate::config::Config;
+use crate::http::ops::{OpsApp, Readiness, ReadinessProbe};
 use crate::http::service::BerthService;
+use crate::meta::instrumented::Instrumented;
 use crate::meta::redb::RedbStore;
 use crate::registry::{Registry, RegistrySettings};
 use crate::storage::embedded::{EmbeddedOptions, EmbeddedS3};
@@ -74,7 +77,7 @@ pub fn prepare(mut config: Config) -> Result<(Config, Arc<Registry>), StartError
     let meta = RedbStore::open(&config.data_dir.join("meta.redb"))?;
     let store = ObjectStore::new(&config.storage)?;
     let registry = Registry::new(
-        Arc::new(meta),
+        Arc::new(Instrumented::new(meta)),
         Arc::new(store),
         RegistrySettings::from_config(&config),
     );
@@ -83,11 +86,27 @@ pub fn prepare(mut config: Config) -> Result<(Config, Arc<Registry>), StartError
 
 /// Runs the server until it is told to stop. Never returns.
 pub fn run(config: Config, registry: Arc<Registry>) -> ! {
+    crate::auth::ignore_sighup_until_listening();
+    let guard = match crate::auth::Guard::from_config(&config) {
+        Ok(g) => Arc::new(g),
+        Err(e) => fail_start(&e),
+    };
+    let tls = match config.tls.as_ref().map(crate::tls::settings).transpose() {
+        Ok(t) => t,
+        Err(e) => fail_start(&e),
+    };
     let conf = ServerConf {
         threads: config.threads,
         // Without this pingora waits 5 min on SIGTERM even when idle.
         grace_period_seconds: Some(config.shutdown_grace.as_secs()),
         graceful_shutdown_timeout_seconds: Some(5),
+        // Proxied blob GETs to an https:// object store: this bundle instead of the system
+        // roots when set; certificates are verified either way.
+        ca_file: config
+            .storage
+            .ca_bundle
+            .as_ref()
+            .map(|p| p.display().to_string()),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
@@ -95,21 +114,65 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
 
     let mut http = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
-        BerthService::new(registry.clone()),
+        BerthService::new(registry.clone())
+            .with_guard(guard.clone())
+            .with_access_log(config.access_log.then_some(config.log_format)),
         "berth registry",
     );
-    http.add_tcp(&config.listen.to_string());
+    let resolver = match tls {
+        Some((settings, resolver)) => {
+            http.add_tls_with_settings(&config.listen.to_string(), None, settings);
+            Some(resolver)
+        }
+        None => {
+            http.add_tcp(&config.listen.to_string());
+            None
+        }
+    };
     server.add_service(http);
+    server.add_service(background_service(
+        "SIGHUP reload",
+        crate::auth::HangupReload {
+            guard,
+            tls: resolver,
+        },
+    ));
+    if let Some(addr) = config.metrics.listen {
+        crate::metrics::init();
+        let readiness = Readiness::new();
+        let mut ops = Service::new(
+            "berth ops".to_string(),
+            OpsApp {
+                readiness: readiness.clone(),
+            },
+        );
+        ops.add_tcp(&addr.to_string());
+        server.add_service(ops);
+        server.add_service(background_service(
+            "readiness probe",
+            ReadinessProbe {
+                registry: registry.clone(),
+                readiness,
+            },
+        ));
+        log::info!("metrics and health on http://{addr}/metrics, /healthz, /readyz");
+    }
     server.add_service(background_service(
         "upload expiry",
         UploadExpiry { registry },
     ));
     log::info!(
-        "berth {} listening on {}",
+        "berth {} listening on {}{}",
         env!("CARGO_PKG_VERSION"),
-        config.listen
+        config.listen,
+        if config.tls.is_some() { " (TLS)" } else { "" }
     );
     server.run_forever()
+}
+
+fn fail_start(e: &str) -> ! {
+    eprintln!("berth: cannot start: {e}");
+    std::process::exit(1)
 }
 
 /// Aborts upload sessions idle past `upload.session_expiry`.

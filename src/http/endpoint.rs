@@ -10,6 +10,24 @@ use crate::registry::RegistryError;
 /// Pagination: the most entries one page returns, whatever `n` asks.
 pub const MAX_PAGE: usize = 10_000;
 
+/// Route templates, the label values of per-route metrics. The last one stands for requests
+/// that matched no route.
+pub const ROUTES: [&str; 10] = [
+    "/",
+    "/v2/",
+    "/v2/_catalog",
+    "/v2/{name}/tags/list",
+    "/v2/{name}/manifests/{reference}",
+    "/v2/{name}/blobs/{digest}",
+    "/v2/{name}/blobs/uploads/",
+    "/v2/{name}/blobs/uploads/{uuid}",
+    "/v2/{name}/referrers/{digest}",
+    "unmatched",
+];
+
+/// Index in [`ROUTES`] of requests that matched no route.
+pub const UNMATCHED_ROUTE: usize = ROUTES.len() - 1;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
     /// Requested page size, capped at [`MAX_PAGE`]; None when `n` was not given.
@@ -100,21 +118,26 @@ impl Endpoint {
 
     /// The route template, for logs and metrics (never the name or digest).
     pub fn route(&self) -> &'static str {
+        ROUTES[self.route_index()]
+    }
+
+    /// Index of [`Endpoint::route`] in [`ROUTES`].
+    pub fn route_index(&self) -> usize {
         match self {
-            Endpoint::Banner => "/",
-            Endpoint::ApiBase => "/v2/",
-            Endpoint::Catalog(_) => "/v2/_catalog",
-            Endpoint::TagsList { .. } => "/v2/{name}/tags/list",
+            Endpoint::Banner => 0,
+            Endpoint::ApiBase => 1,
+            Endpoint::Catalog(_) => 2,
+            Endpoint::TagsList { .. } => 3,
             Endpoint::GetManifest { .. }
             | Endpoint::PutManifest { .. }
-            | Endpoint::DeleteManifest { .. } => "/v2/{name}/manifests/{reference}",
-            Endpoint::GetBlob { .. } | Endpoint::DeleteBlob { .. } => "/v2/{name}/blobs/{digest}",
-            Endpoint::StartUpload { .. } => "/v2/{name}/blobs/uploads/",
+            | Endpoint::DeleteManifest { .. } => 4,
+            Endpoint::GetBlob { .. } | Endpoint::DeleteBlob { .. } => 5,
+            Endpoint::StartUpload { .. } => 6,
             Endpoint::UploadStatus { .. }
             | Endpoint::PatchUpload { .. }
             | Endpoint::FinishUpload { .. }
-            | Endpoint::CancelUpload { .. } => "/v2/{name}/blobs/uploads/{uuid}",
-            Endpoint::Referrers { .. } => "/v2/{name}/referrers/{digest}",
+            | Endpoint::CancelUpload { .. } => 7,
+            Endpoint::Referrers { .. } => 8,
         }
     }
 

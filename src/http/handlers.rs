@@ -5,7 +5,9 @@ use pingora_proxy::Session;
 
 use super::endpoint::{Endpoint, Mount, Page, MAX_PAGE};
 use super::response::{header, range_value, send, send_empty, set, JSON};
+use crate::auth::limits::{BlobLimit, LimitedBody};
 use crate::meta::UploadSession;
+use crate::metrics::BLOBS;
 use crate::registry::manifest::{MAX_MANIFEST_BYTES, OCI_INDEX};
 use crate::registry::names::Digest;
 use crate::registry::{BlobGet, BodySource, Registry, RegistryError, RegistryResult};
@@ -23,7 +25,13 @@ pub enum Outcome {
 
 const BANNER: &str = concat!("berth registry server ", env!("CARGO_PKG_VERSION"), "\n");
 
-pub async fn handle(reg: &Registry, s: &mut Session, ep: Endpoint) -> RegistryResult<Outcome> {
+/// `blob`: `limits.max_blob_size`, applied to every request that adds bytes to a blob.
+pub async fn handle(
+    reg: &Registry,
+    s: &mut Session,
+    ep: Endpoint,
+    blob: BlobLimit,
+) -> RegistryResult<Outcome> {
     match ep {
         Endpoint::Banner => {
             let mut h = header(200);
@@ -117,11 +125,15 @@ pub async fn handle(reg: &Registry, s: &mut Session, ep: Endpoint) -> RegistryRe
             digest,
             head: false,
         } => match reg.get_blob(&name, &digest).await? {
-            BlobGet::Proxy { path_and_query, .. } => Ok(Outcome::Proxy {
-                path_and_query,
-                digest,
-            }),
+            BlobGet::Proxy { path_and_query, .. } => {
+                BLOBS.get_proxy.inc();
+                Ok(Outcome::Proxy {
+                    path_and_query,
+                    digest,
+                })
+            }
             BlobGet::Redirect { url, .. } => {
+                BLOBS.get_redirect.inc();
                 let mut h = header(307);
                 set(&mut h, "Location", url);
                 set(&mut h, "Docker-Content-Digest", digest.as_str());
@@ -136,7 +148,7 @@ pub async fn handle(reg: &Registry, s: &mut Session, ep: Endpoint) -> RegistryRe
             name,
             digest,
             mount,
-        } => start_upload(reg, s, name, digest, mount).await,
+        } => start_upload(reg, s, name, digest, mount, blob).await,
         Endpoint::UploadStatus { name, id } => {
             let session = reg.upload_status(&name, &id).await?;
             reply(send_empty(s, upload_header(204, &session), None).await)
@@ -153,15 +165,22 @@ pub async fn handle(reg: &Registry, s: &mut Session, ep: Endpoint) -> RegistryRe
                 }
             }
             let range_start = range.map(|(start, _)| start);
-            let session = reg
-                .append_upload(&name, &id, range_start, length, &mut DownstreamBody(s))
-                .await?;
+            let allowed = blob.allowance(reg, &name, Some(&id), length).await?;
+            let mut body = LimitedBody::new(DownstreamBody(s), allowed);
+            let result = reg
+                .append_upload(&name, &id, range_start, length, &mut body)
+                .await;
+            let session = blob.outcome(result, body.exceeded)?;
             reply(send_empty(s, upload_header(202, &session), None).await)
         }
         Endpoint::FinishUpload { name, id, digest } => {
             let length = content_length(s)?;
-            reg.finish_upload(&name, &id, &digest, length, &mut DownstreamBody(s))
-                .await?;
+            let allowed = blob.allowance(reg, &name, Some(&id), length).await?;
+            let mut body = LimitedBody::new(DownstreamBody(s), allowed);
+            let result = reg
+                .finish_upload(&name, &id, &digest, length, &mut body)
+                .await;
+            blob.outcome(result, body.exceeded)?;
             reply(send_empty(s, blob_created(&name, &digest), None).await)
         }
         Endpoint::CancelUpload { name, id } => {
@@ -192,6 +211,7 @@ async fn start_upload(
     name: String,
     digest: Option<Digest>,
     mount: Option<Mount>,
+    blob: BlobLimit,
 ) -> RegistryResult<Outcome> {
     if let Some(Mount { digest, from }) = mount {
         // Without `from` (or when the source lacks it), fall back to a new session.
@@ -202,8 +222,12 @@ async fn start_upload(
         }
     } else if let Some(digest) = digest {
         let length = content_length(s)?;
-        reg.monolithic_upload(&name, &digest, length, &mut DownstreamBody(s))
-            .await?;
+        let allowed = blob.allowance(reg, &name, None, length).await?;
+        let mut body = LimitedBody::new(DownstreamBody(s), allowed);
+        let result = reg
+            .monolithic_upload(&name, &digest, length, &mut body)
+            .await;
+        blob.outcome(result, body.exceeded)?;
         return reply(send_empty(s, blob_created(&name, &digest), None).await);
     }
     let session = reg.start_upload(&name).await?;

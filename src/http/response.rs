@@ -64,6 +64,11 @@ pub async fn send_error(session: &mut Session, err: &RegistryError, head: bool) 
         RegistryError::RangeInvalid { offset } => set(&mut h, "Range", range_value(*offset)),
         // The object store was busy or away after berth's own retries: ask for a retry.
         RegistryError::Unavailable(_) => set(&mut h, "Retry-After", RETRY_AFTER_SECS),
+        RegistryError::Unauthorized { challenge }
+        | RegistryError::Denied {
+            challenge: Some(challenge),
+        } => set(&mut h, "WWW-Authenticate", challenge),
+        RegistryError::TooManyRequests(_) => set(&mut h, "Retry-After", RETRY_AFTER_SECS),
         _ => {}
     }
     send(session, h, Bytes::from(err.body()), head).await

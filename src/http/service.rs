@@ -13,9 +13,13 @@ use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
-use super::endpoint::Endpoint;
+use super::access_log::{AccessLog, Entry};
+use super::endpoint::{Endpoint, ROUTES, UNMATCHED_ROUTE};
 use super::handlers::{handle, Outcome};
 use super::response::{send_error, set, API_VERSION, API_VERSION_HEADER, JSON, RETRY_AFTER_SECS};
+use crate::auth::Guard;
+use crate::config::LogFormat;
+use crate::metrics::{BLOBS, HTTP};
 use crate::registry::names::Digest;
 use crate::registry::{Registry, RegistryError};
 use crate::storage::Upstream;
@@ -25,16 +29,23 @@ const RESOLVE_TTL: Duration = Duration::from_secs(30);
 
 pub struct BerthService {
     registry: Arc<Registry>,
+    /// Authentication, access and limits, checked before every handler.
+    guard: Arc<Guard>,
+    access_log: AccessLog,
     upstream: Upstream,
     resolved: Mutex<Option<(Instant, SocketAddr)>>,
 }
 
 /// Per-request state.
-#[derive(Default)]
 pub struct RequestCtx {
+    start: Instant,
+    /// Index into [`ROUTES`].
+    route_index: usize,
     route: &'static str,
     /// Set for a proxied blob GET.
     proxy: Option<ProxyTarget>,
+    /// The authenticated user, for the access log.
+    pub user: Option<String>,
     /// Replaces the upstream body when the object store answered with an error.
     error_body: Option<Bytes>,
 }
@@ -49,9 +60,23 @@ impl BerthService {
         let upstream = registry.store.upstream().clone();
         BerthService {
             registry,
+            guard: Arc::new(Guard::open()),
+            access_log: AccessLog::new(None),
             upstream,
             resolved: Mutex::new(None),
         }
+    }
+
+    /// Writes an access-log line per request in `format` (none by default).
+    pub fn with_access_log(mut self, format: Option<LogFormat>) -> Self {
+        self.access_log = AccessLog::new(format);
+        self
+    }
+
+    /// Replaces the default guard (no authentication, default limits).
+    pub fn with_guard(mut self, guard: Arc<Guard>) -> Self {
+        self.guard = guard;
+        self
     }
 
     async fn upstream_addr(&self) -> Result<SocketAddr> {
@@ -83,28 +108,43 @@ impl ProxyHttp for BerthService {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::default()
+        RequestCtx {
+            start: Instant::now(),
+            route_index: UNMATCHED_ROUTE,
+            route: ROUTES[UNMATCHED_ROUTE],
+            proxy: None,
+            user: None,
+            error_body: None,
+        }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
         let head = req.method == http::Method::HEAD;
         let endpoint = Endpoint::parse(&req.method, req.uri.path(), req.uri.query());
-        let endpoint = match endpoint {
+        let mut endpoint = match endpoint {
             Ok(e) => e,
             Err(err) => {
-                ctx.route = "unknown";
                 session.set_keepalive(None); // an unread body may follow
                 send_error(session, &err, head).await?;
                 return Ok(true);
             }
         };
+        ctx.route_index = endpoint.route_index();
         ctx.route = endpoint.route();
         let reads_body = endpoint.reads_body();
-        if reads_body && expects_continue(session.req_header()) {
-            session.write_continue_response().await?;
-        }
-        match handle(&self.registry, session, endpoint).await {
+        let result = match self.guard.admit(session, &mut endpoint).await {
+            // The admission (an upload slot) is held until the handler is done.
+            Ok(_admission) => {
+                if reads_body && expects_continue(session.req_header()) {
+                    session.write_continue_response().await?;
+                }
+                let blob_limit = self.guard.blob_limit();
+                handle(&self.registry, session, endpoint, blob_limit).await
+            }
+            Err(err) => Err(err),
+        };
+        match result {
             Ok(Outcome::Done) => Ok(true),
             Ok(Outcome::Proxy {
                 path_and_query,
@@ -245,6 +285,8 @@ impl ProxyHttp for BerthService {
             } else {
                 None
             };
+        } else if let Some(b) = body {
+            BLOBS.bytes_sent.inc_by(b.len() as u64);
         }
         Ok(None)
     }
@@ -278,14 +320,27 @@ impl ProxyHttp for BerthService {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        log::debug!(
-            "{} {} {} -> {status}{}",
-            session.req_header().method,
-            ctx.route,
-            session.req_header().uri.path(),
-            e.map(|e| format!(" ({e})")).unwrap_or_default()
-        );
+        let elapsed = ctx.start.elapsed();
+        // No response written: the client went away first (nginx's 499).
+        let status = session
+            .response_written()
+            .map_or(499, |r| r.status.as_u16());
+        let req = session.req_header();
+        HTTP.observe(ctx.route_index, &req.method, status, elapsed);
+        let error = e.map(|e| e.to_string());
+        self.access_log.write(&Entry {
+            time: std::time::SystemTime::now(),
+            client: session.client_addr().and_then(|a| a.as_inet()).copied(),
+            method: req.method.as_str(),
+            path: req.uri.path_and_query().map_or("", |p| p.as_str()),
+            status,
+            bytes_in: session.body_bytes_read(),
+            bytes_out: session.body_bytes_sent(),
+            duration: elapsed,
+            route: ctx.route,
+            user: ctx.user.as_deref(),
+            error: error.as_deref(),
+        });
     }
 }
 

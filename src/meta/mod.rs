@@ -7,6 +7,7 @@
 //!
 //! Every method is one atomic transaction: a crash leaves either the old or the new state.
 
+pub mod instrumented;
 pub mod redb;
 
 use async_trait::async_trait;
@@ -56,7 +57,7 @@ pub struct Part {
 
 /// An upload session. Bytes received are either in uploaded `parts` or, for the part not yet
 /// complete, in the store's pending bytes for the session (`offset - sum(parts.size)` bytes).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadSession {
     /// UUID, as in the upload URL.
     pub id: String,

@@ -48,6 +48,17 @@ pub enum RegistryError {
     PaginationInvalid(String),
     #[error("object store unavailable, retry later")]
     Unavailable(String),
+    /// Missing or invalid credentials; `challenge` is the WWW-Authenticate value.
+    #[error("authentication required")]
+    Unauthorized { challenge: String },
+    /// Valid credentials without the access the request needs; `challenge` (bearer tokens)
+    /// names the scope to ask for.
+    #[error("requested access to the resource is denied")]
+    Denied { challenge: Option<String> },
+    #[error("too many requests")]
+    TooManyRequests(String),
+    #[error("request header fields too large")]
+    HeadersTooLarge(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -73,6 +84,10 @@ impl RegistryError {
             UploadBusy => StatusCode::CONFLICT,
             Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Denied { .. } => StatusCode::FORBIDDEN,
+            TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 
@@ -88,13 +103,16 @@ impl RegistryError {
             ManifestUnknown => "MANIFEST_UNKNOWN",
             NameInvalid => "NAME_INVALID",
             NameUnknown => "NAME_UNKNOWN",
-            SizeInvalid(_) | TooLarge(_) => "SIZE_INVALID",
+            SizeInvalid(_) | TooLarge(_) | HeadersTooLarge(_) => "SIZE_INVALID",
             TagInvalid => "TAG_INVALID",
             Unsupported | RouteUnknown => "UNSUPPORTED",
             RangeNotSatisfiable => "RANGE_INVALID",
             PaginationInvalid(_) => "PAGINATION_NUMBER_INVALID",
             Unavailable(_) => "UNAVAILABLE",
             Internal(_) => "UNKNOWN",
+            Unauthorized { .. } => "UNAUTHORIZED",
+            Denied { .. } => "DENIED",
+            TooManyRequests(_) => "TOOMANYREQUESTS",
         }
     }
 
@@ -108,7 +126,9 @@ impl RegistryError {
             | ManifestInvalid(d)
             | SizeInvalid(d)
             | TooLarge(d)
-            | PaginationInvalid(d) => Some(d),
+            | PaginationInvalid(d)
+            | TooManyRequests(d)
+            | HeadersTooLarge(d) => Some(d),
             _ => None,
         }
     }
@@ -199,5 +219,15 @@ mod tests {
         assert_eq!(RegistryError::RangeInvalid { offset: 3 }.status(), 416);
         assert_eq!(RegistryError::TooLarge("x".into()).status(), 413);
         assert_eq!(RegistryError::NameInvalid.code(), "NAME_INVALID");
+        let e = RegistryError::Unauthorized {
+            challenge: "Basic realm=\"r\"".into(),
+        };
+        assert_eq!((e.status().as_u16(), e.code()), (401, "UNAUTHORIZED"));
+        assert!(!String::from_utf8(e.body()).unwrap().contains("realm"));
+        let e = RegistryError::Denied { challenge: None };
+        assert_eq!((e.status().as_u16(), e.code()), (403, "DENIED"));
+        let e = RegistryError::TooManyRequests("4 uploads".into());
+        assert_eq!((e.status().as_u16(), e.code()), (429, "TOOMANYREQUESTS"));
+        assert_eq!(RegistryError::HeadersTooLarge("x".into()).status(), 431);
     }
 }

@@ -21,6 +21,7 @@ use super::names::Digest;
 use super::{unix_now, BodySource, Registry, RegistryError, RegistryResult};
 use crate::config::MAX_PARTS;
 use crate::meta::{BlobRecord, Linked, Part, PendingChange, UploadSession};
+use crate::metrics::{BLOBS, UPLOADS};
 use crate::storage::{ObjectBody, StorageError};
 
 /// S3's limit for a single PutObject.
@@ -44,6 +45,7 @@ impl Registry {
             updated: now,
         };
         self.meta.create_upload(&session).await?;
+        UPLOADS.started.inc();
         Ok(session)
     }
 
@@ -76,11 +78,31 @@ impl Registry {
         let mut w = PartWriter::resume(self, session).await?;
         w.write_body(body, content_length).await?;
         w.commit_tail().await?;
-        Ok(w.session)
+        Ok(std::mem::take(&mut w.session))
     }
 
     /// PUT ?digest=: appends the (optional) final body, verifies the digest and links the blob.
     pub async fn finish_upload(
+        &self,
+        repo: &str,
+        id: &str,
+        digest: &Digest,
+        content_length: Option<u64>,
+        body: &mut dyn BodySource,
+    ) -> RegistryResult<()> {
+        let result = self
+            .finish_upload_inner(repo, id, digest, content_length, body)
+            .await;
+        match &result {
+            Ok(()) => UPLOADS.finished.inc(),
+            // Unknown or busy sessions are not uploads that failed.
+            Err(RegistryError::BlobUploadUnknown | RegistryError::UploadBusy) => {}
+            Err(_) => UPLOADS.failed.inc(),
+        }
+        result
+    }
+
+    async fn finish_upload_inner(
         &self,
         repo: &str,
         id: &str,
@@ -136,7 +158,9 @@ impl Registry {
     pub async fn cancel_upload(&self, repo: &str, id: &str) -> RegistryResult<()> {
         let _writer = self.claim_upload(id)?;
         let session = self.upload_status(repo, id).await?;
-        self.discard_session(&session).await
+        self.discard_session(&session).await?;
+        UPLOADS.cancelled.inc();
+        Ok(())
     }
 
     /// Cross-repository mount: links `digest` into `repo` if `from` has it. False when it
@@ -162,6 +186,7 @@ impl Registry {
                 continue; // being written right now: not idle
             };
             self.discard_session(&session).await?;
+            UPLOADS.expired.inc();
             n += 1;
         }
         Ok(n)
@@ -188,6 +213,7 @@ impl Registry {
             let mut hasher = BlobHasher::new();
             let mut n = 0u64;
             while let Some(chunk) = body.next_chunk().await.map_err(client_gone)? {
+                BLOBS.bytes_received.inc_by(chunk.len() as u64);
                 hasher.update(&chunk);
                 n += chunk.len() as u64;
             }
@@ -215,6 +241,7 @@ impl Registry {
         let mut n = 0u64;
         let read = async {
             while let Some(chunk) = body.next_chunk().await.map_err(client_gone)? {
+                BLOBS.bytes_received.inc_by(chunk.len() as u64);
                 n += chunk.len() as u64;
                 if n > len {
                     return Err(RegistryError::SizeInvalid(
@@ -277,6 +304,7 @@ impl Registry {
         if !busy.insert(id.to_string()) {
             return Err(RegistryError::UploadBusy);
         }
+        UPLOADS.in_progress.inc();
         Ok(UploadClaim {
             registry: self,
             id: id.to_string(),
@@ -292,6 +320,7 @@ struct UploadClaim<'a> {
 
 impl Drop for UploadClaim<'_> {
     fn drop(&mut self) {
+        UPLOADS.in_progress.dec();
         if let Ok(mut busy) = self.registry.busy_uploads.lock() {
             busy.remove(&self.id);
         }
@@ -303,6 +332,8 @@ struct InFlight {
     handle: JoinHandle<Result<String, StorageError>>,
     number: u32,
     size: u64,
+    /// Bytes of this part held in memory (0 for a part streaming straight through).
+    buffered: u64,
     /// Session offset and hasher state once this part is stored.
     end_offset: u64,
     hasher_state: Vec<u8>,
@@ -325,6 +356,14 @@ struct PartWriter<'a> {
     in_flight: Option<InFlight>,
     /// A part streaming straight from the body: its channel and bytes still to send.
     direct: Option<(mpsc::Sender<std::io::Result<Bytes>>, u64)>,
+    /// What this writer adds to `berth_upload_buffered_bytes` now.
+    buffered_reported: u64,
+}
+
+impl Drop for PartWriter<'_> {
+    fn drop(&mut self) {
+        UPLOADS.buffered_bytes.sub(self.buffered_reported as i64);
+    }
 }
 
 impl<'a> PartWriter<'a> {
@@ -357,6 +396,11 @@ impl<'a> PartWriter<'a> {
             session,
             in_flight: None,
             direct: None,
+            buffered_reported: 0,
+        })
+        .map(|mut w: PartWriter<'a>| {
+            w.report_buffered();
+            w
         })
     }
 
@@ -381,6 +425,7 @@ impl<'a> PartWriter<'a> {
     ) -> RegistryResult<()> {
         let mut remaining = content_length;
         while let Some(mut chunk) = body.next_chunk().await.map_err(client_gone)? {
+            BLOBS.bytes_received.inc_by(chunk.len() as u64);
             if let Some(r) = remaining.as_mut() {
                 *r = r.checked_sub(chunk.len() as u64).ok_or_else(|| {
                     RegistryError::SizeInvalid("body longer than Content-Length".into())
@@ -419,6 +464,7 @@ impl<'a> PartWriter<'a> {
                         None => self.part_size,
                     };
                     self.buf.reserve(want as usize);
+                    self.report_buffered();
                 }
                 let room = (self.part_size - self.buf.len() as u64) as usize;
                 let piece = chunk.split_to(room.min(chunk.len()));
@@ -484,9 +530,11 @@ impl<'a> PartWriter<'a> {
             handle,
             number,
             size,
+            buffered: size,
             end_offset: self.received,
             hasher_state: self.hasher.save(),
         });
+        self.report_buffered();
         Ok(())
     }
 
@@ -509,11 +557,22 @@ impl<'a> PartWriter<'a> {
             handle,
             number,
             size,
+            buffered: 0,
             end_offset: self.received + size,
             hasher_state: Vec::new(), // set when the part's last byte has been hashed
         });
         self.direct = Some((tx, size));
         Ok(())
+    }
+
+    /// Brings `berth_upload_buffered_bytes` up to date with this writer's buffers.
+    fn report_buffered(&mut self) {
+        let now = self.buf.capacity() as u64 + self.in_flight.as_ref().map_or(0, |p| p.buffered);
+        let delta = now as i64 - self.buffered_reported as i64;
+        if delta != 0 {
+            UPLOADS.buffered_bytes.add(delta);
+            self.buffered_reported = now;
+        }
     }
 
     /// Waits for the part in flight and commits it.
@@ -524,6 +583,8 @@ impl<'a> PartWriter<'a> {
         // A direct part gets its hasher state only once all its bytes went through.
         let complete = !part.hasher_state.is_empty();
         let result = join(part.handle).await;
+        // The part's bytes were freed with its task.
+        self.report_buffered();
         if !complete {
             return Err(result
                 .err()
@@ -577,8 +638,20 @@ impl<'a> PartWriter<'a> {
             self.reg.discard_session(&self.session).await?;
             return Err(e);
         }
-        let last = self.buf.split().freeze();
         let key = self.session.key.clone();
+        if let Some(existing) = self.reg.meta.blob(digest).await? {
+            // The bytes are already stored (a re-push): link those and drop this copy before
+            // it is ever completed, rather than writing it and deleting it again.
+            if let Some(upload_id) = &self.session.multipart_id {
+                self.reg.store.abort_multipart(&key, upload_id).await?;
+            }
+            self.reg
+                .meta
+                .finish_upload(&self.session.id, &self.session.repo, digest, existing)
+                .await?;
+            return Ok(());
+        }
+        let last = self.buf.split().freeze();
         match self.session.multipart_id.clone() {
             None => {
                 // Smaller than one part: a single PutObject.

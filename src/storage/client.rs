@@ -75,8 +75,20 @@ pub struct Sender {
 
 impl Sender {
     pub fn new_http_client() -> Result<reqwest::Client, reqwest::Error> {
+        Self::new_http_client_with_ca(None)
+    }
+
+    /// `ca_bundle`: PEM certificates that replace the system roots (`storage.ca_bundle`, for
+    /// an object store with a private CA). Certificates are verified either way.
+    pub fn new_http_client_with_ca(
+        ca_bundle: Option<&[u8]>,
+    ) -> Result<reqwest::Client, reqwest::Error> {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(pem) = ca_bundle {
+            builder = builder.tls_certs_only(reqwest::Certificate::from_pem_bundle(pem)?);
+        }
+        builder
             // A presigned URL is only valid for its own host and path: never follow.
             .redirect(reqwest::redirect::Policy::none())
             // Deterministic: no HTTP(S)_PROXY from the environment.

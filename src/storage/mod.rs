@@ -20,6 +20,7 @@ use bytes::Bytes;
 use http::Method;
 
 use crate::config::StorageConfig;
+use crate::metrics::{StoreOp, STORE};
 use client::{RetryPolicy, SendBody, Sender};
 use sigv4::Signer;
 
@@ -187,10 +188,22 @@ impl ObjectStore {
             host_header.clone(),
             base_path,
         );
-        let http = Sender::new_http_client().map_err(|e| StorageError::Failed {
-            status: 0,
-            code: "HttpClient".into(),
-            message: e.to_string(),
+        let ca_bundle =
+            match &cfg.ca_bundle {
+                Some(path) => Some(std::fs::read(path).map_err(|e| {
+                    config_error(format!("storage.ca_bundle {}: {e}", path.display()))
+                })?),
+                None => None,
+            };
+        let http = Sender::new_http_client_with_ca(ca_bundle.as_deref()).map_err(|e| {
+            StorageError::Failed {
+                status: 0,
+                code: "HttpClient".into(),
+                message: match &cfg.ca_bundle {
+                    Some(_) => format!("storage.ca_bundle: {e}"),
+                    None => e.to_string(),
+                },
+            }
         })?;
         Ok(ObjectStore {
             sender: Sender {
@@ -213,18 +226,21 @@ impl ObjectStore {
     /// Startup check: can we reach the endpoint, does the bucket exist, are the credentials
     /// accepted? The error says which. One HeadBucket request (plus retries).
     pub async fn check(&self) -> Result<(), StorageError> {
-        match self
-            .sender
-            .send(Method::HEAD, None, &[], SendBody::Empty)
-            .await
-        {
-            Ok(_) => Ok(()),
-            // HEAD has no body: a bare 404 is the bucket.
-            Err(StorageError::Failed { status: 404, .. }) => Err(StorageError::NoSuchBucket {
-                bucket: self.sender.bucket.clone(),
-            }),
-            Err(e) => Err(e),
-        }
+        timed(StoreOp::HeadBucket, async {
+            match self
+                .sender
+                .send(Method::HEAD, None, &[], SendBody::Empty)
+                .await
+            {
+                Ok(_) => Ok(()),
+                // HEAD has no body: a bare 404 is the bucket.
+                Err(StorageError::Failed { status: 404, .. }) => Err(StorageError::NoSuchBucket {
+                    bucket: self.sender.bucket.clone(),
+                }),
+                Err(e) => Err(e),
+            }
+        })
+        .await
     }
 
     /// Object key for the bytes of upload `id`: `<prefix>blobs/<id>`.
@@ -264,26 +280,32 @@ impl ObjectStore {
 
     /// PutObject, with Content-Length. One request.
     pub async fn put_object(&self, key: &str, body: ObjectBody) -> Result<(), StorageError> {
-        self.sender
-            .send(Method::PUT, Some(key), &[], body.into())
-            .await
-            .map(|_| ())
+        timed(StoreOp::PutObject, async {
+            self.sender
+                .send(Method::PUT, Some(key), &[], body.into())
+                .await
+                .map(|_| ())
+        })
+        .await
     }
 
     /// CreateMultipartUpload; returns the UploadId. One request.
     pub async fn create_multipart(&self, key: &str) -> Result<String, StorageError> {
-        let r = self
-            .sender
-            .send(Method::POST, Some(key), &[("uploads", "")], SendBody::Empty)
-            .await?;
-        client::parse_upload_id(&r.body).ok_or_else(|| StorageError::Failed {
-            status: r.status.as_u16(),
-            code: "MalformedResponse".into(),
-            message: format!(
-                "no UploadId in the CreateMultipartUpload response: {}",
-                String::from_utf8_lossy(&r.body[..r.body.len().min(200)])
-            ),
+        timed(StoreOp::CreateMultipart, async {
+            let r = self
+                .sender
+                .send(Method::POST, Some(key), &[("uploads", "")], SendBody::Empty)
+                .await?;
+            client::parse_upload_id(&r.body).ok_or_else(|| StorageError::Failed {
+                status: r.status.as_u16(),
+                code: "MalformedResponse".into(),
+                message: format!(
+                    "no UploadId in the CreateMultipartUpload response: {}",
+                    String::from_utf8_lossy(&r.body[..r.body.len().min(200)])
+                ),
+            })
         })
+        .await
     }
 
     /// UploadPart, with Content-Length. Returns the part's ETag as S3 sent it (with its
@@ -295,25 +317,28 @@ impl ObjectStore {
         part_number: u32,
         body: ObjectBody,
     ) -> Result<String, StorageError> {
-        let n = part_number.to_string();
-        let r = self
-            .sender
-            .send(
-                Method::PUT,
-                Some(key),
-                &[("partNumber", &n), ("uploadId", upload_id)],
-                body.into(),
-            )
-            .await?;
-        r.headers
-            .get(http::header::ETAG)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-            .ok_or_else(|| StorageError::Failed {
-                status: r.status.as_u16(),
-                code: "MalformedResponse".into(),
-                message: "no ETag in the UploadPart response".into(),
-            })
+        timed(StoreOp::UploadPart, async {
+            let n = part_number.to_string();
+            let r = self
+                .sender
+                .send(
+                    Method::PUT,
+                    Some(key),
+                    &[("partNumber", &n), ("uploadId", upload_id)],
+                    body.into(),
+                )
+                .await?;
+            r.headers
+                .get(http::header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+                .ok_or_else(|| StorageError::Failed {
+                    status: r.status.as_u16(),
+                    code: "MalformedResponse".into(),
+                    message: "no ETag in the UploadPart response".into(),
+                })
+        })
+        .await
     }
 
     /// CompleteMultipartUpload with `(part number, ETag)` in ascending part order. One request
@@ -324,49 +349,69 @@ impl ObjectStore {
         upload_id: &str,
         parts: &[(u32, String)],
     ) -> Result<(), StorageError> {
-        let body = Bytes::from(client::complete_body(parts));
-        self.sender
-            .send(
-                Method::POST,
-                Some(key),
-                &[("uploadId", upload_id)],
-                SendBody::Bytes(body),
-            )
-            .await
-            .map(|_| ())
+        timed(StoreOp::CompleteMultipart, async {
+            let body = Bytes::from(client::complete_body(parts));
+            self.sender
+                .send(
+                    Method::POST,
+                    Some(key),
+                    &[("uploadId", upload_id)],
+                    SendBody::Bytes(body),
+                )
+                .await
+                .map(|_| ())
+        })
+        .await
     }
 
     /// AbortMultipartUpload. NoSuchUpload counts as success. One request.
     pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StorageError> {
-        match self
-            .sender
-            .send(
-                Method::DELETE,
-                Some(key),
-                &[("uploadId", upload_id)],
-                SendBody::Empty,
-            )
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(StorageError::Failed { status: 404, .. }) => Ok(()),
-            Err(StorageError::Failed { code, .. }) if code == "NoSuchUpload" => Ok(()),
-            Err(e) => Err(e),
-        }
+        timed(StoreOp::AbortMultipart, async {
+            match self
+                .sender
+                .send(
+                    Method::DELETE,
+                    Some(key),
+                    &[("uploadId", upload_id)],
+                    SendBody::Empty,
+                )
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(StorageError::Failed { status: 404, .. }) => Ok(()),
+                Err(StorageError::Failed { code, .. }) if code == "NoSuchUpload" => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+        .await
     }
 
     /// DeleteObject. A missing object counts as success. One request.
     pub async fn delete_object(&self, key: &str) -> Result<(), StorageError> {
-        match self
-            .sender
-            .send(Method::DELETE, Some(key), &[], SendBody::Empty)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(StorageError::Failed { status: 404, .. }) => Ok(()),
-            Err(e) => Err(e),
-        }
+        timed(StoreOp::DeleteObject, async {
+            match self
+                .sender
+                .send(Method::DELETE, Some(key), &[], SendBody::Empty)
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(StorageError::Failed { status: 404, .. }) => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+        .await
     }
+}
+
+/// Runs one object-store operation and records its outcome and duration.
+async fn timed<T>(
+    op: StoreOp,
+    request: impl std::future::Future<Output = Result<T, StorageError>>,
+) -> Result<T, StorageError> {
+    let start = std::time::Instant::now();
+    let result = request.await;
+    STORE.observe(op, result.is_ok(), start.elapsed());
+    result
 }
 
 #[cfg(test)]

@@ -75,6 +75,7 @@ fn cfg(endpoint: &str, bucket: &str, ak: &str, sk: &str) -> StorageConfig {
         path_style: true,
         blob_serving: BlobServing::Proxy,
         presign_ttl: Duration::from_secs(900),
+        ca_bundle: None,
     }
 }
 

@@ -88,6 +88,31 @@ pub struct Berth {
     log_path: PathBuf,
     /// Extra environment for the berth process (kept across restarts).
     env: Vec<(String, String)>,
+    /// Set when berth serves TLS: how clients reach it.
+    tls: Option<TlsClient>,
+}
+
+/// What a client needs to talk to a berth that serves TLS.
+#[derive(Clone)]
+pub struct TlsClient {
+    /// PEM of the CA that signed berth's certificate.
+    pub ca_pem: Vec<u8>,
+    /// PEM certificate + key to present (mTLS), if berth asks for one.
+    pub identity_pem: Option<Vec<u8>>,
+}
+
+/// A client trusting `tls.ca_pem` only (and presenting its identity, if any), not following
+/// redirects.
+pub fn tls_client(tls: &TlsClient) -> reqwest::blocking::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut b = reqwest::blocking::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(600))
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(&tls.ca_pem).unwrap());
+    if let Some(id) = &tls.identity_pem {
+        b = b.identity(reqwest::Identity::from_pem(id).unwrap());
+    }
+    b.build().unwrap()
 }
 
 impl Berth {
@@ -104,6 +129,52 @@ impl Berth {
     /// As [`Berth::start_with`], with extra environment variables for the berth process
     /// (e.g. glibc malloc tunables for memory measurements).
     pub fn start_with_env(extra_yaml: &str, s3: Option<&S3Server>, env: &[(&str, &str)]) -> Berth {
+        Self::start_full(extra_yaml, s3, env, None)
+    }
+
+    /// berth serving TLS (`extra_yaml` has the `tls:` section); `tls` is how to reach it.
+    pub fn start_tls(extra_yaml: &str, tls: TlsClient) -> Berth {
+        Self::start_full(extra_yaml, None, &[], Some(tls))
+    }
+
+    /// Starts berth without waiting for it to answer (for configurations that must fail at
+    /// start); returns its exit status and log once it exits, or None if it still runs
+    /// after `wait`.
+    pub fn start_expecting_exit(
+        extra_yaml: &str,
+        s3: Option<&S3Server>,
+        wait: Duration,
+    ) -> Option<(std::process::ExitStatus, String)> {
+        let mut b = Self::prepare(extra_yaml, s3, &[], None);
+        b.spawn_process();
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if let Some(status) = b.child.as_mut().unwrap().try_wait().unwrap() {
+                b.child = None;
+                return Some((status, b.log()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    fn start_full(
+        extra_yaml: &str,
+        s3: Option<&S3Server>,
+        env: &[(&str, &str)],
+        tls: Option<TlsClient>,
+    ) -> Berth {
+        let mut b = Self::prepare(extra_yaml, s3, env, tls);
+        b.spawn();
+        b
+    }
+
+    fn prepare(
+        extra_yaml: &str,
+        s3: Option<&S3Server>,
+        env: &[(&str, &str)],
+        tls: Option<TlsClient>,
+    ) -> Berth {
         let data_dir = tempfile::tempdir().unwrap();
         let config_path = data_dir.path().join("berth.yaml");
         let log_path = data_dir.path().join("berth.log");
@@ -113,7 +184,7 @@ impl Berth {
         }
         yaml.push_str(extra_yaml);
         std::fs::write(&config_path, yaml).unwrap();
-        let mut b = Berth {
+        Berth {
             child: None,
             port: free_port(),
             data_dir,
@@ -123,12 +194,16 @@ impl Berth {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        };
-        b.spawn();
-        b
+            tls,
+        }
     }
 
     fn spawn(&mut self) {
+        self.spawn_process();
+        self.wait_ready();
+    }
+
+    fn spawn_process(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -150,18 +225,22 @@ impl Berth {
             .spawn()
             .expect("spawn berth");
         self.child = Some(child);
-        self.wait_ready();
     }
 
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         let url = self.url("/v2/");
+        let client = match &self.tls {
+            Some(t) => tls_client(t),
+            None => client(),
+        };
         while Instant::now() < deadline {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("berth exited with {status} at start:\n{}", self.log());
             }
-            if let Ok(r) = client().get(&url).timeout(Duration::from_secs(2)).send() {
-                if r.status() == 200 {
+            if let Ok(r) = client.get(&url).timeout(Duration::from_secs(2)).send() {
+                // 401: authentication is on, and berth answers.
+                if r.status() == 200 || r.status() == 401 {
                     return;
                 }
             }
@@ -171,7 +250,15 @@ impl Berth {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{}", self.port, path)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}{}", self.port, path)
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to the berth process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.pid() as i32, signal) };
+        assert_eq!(rc, 0, "kill({}, {signal})", self.pid());
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,134 @@
+//! The operations listener, separate from the registry API: `/metrics` (Prometheus text
+//! format), `/healthz` (the process answers) and `/readyz` (metadata store and object store
+//! usable, as last seen by [`ReadinessProbe`]; a scrape never touches either).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use http::Response;
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use prometheus::IntGauge;
+
+use crate::metrics;
+use crate::registry::Registry;
+
+/// How often the readiness probe runs.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What the last probe found.
+pub struct Readiness {
+    metadata: AtomicBool,
+    object_store: AtomicBool,
+    metadata_up: IntGauge,
+    object_store_up: IntGauge,
+}
+
+impl Readiness {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Readiness {
+            metadata: AtomicBool::new(false),
+            object_store: AtomicBool::new(false),
+            metadata_up: metrics::gauge(
+                "berth_metadata_store_up",
+                "1 if the last readiness probe could read the metadata store.",
+            ),
+            object_store_up: metrics::gauge(
+                "berth_object_store_up",
+                "1 if the last readiness probe reached the bucket.",
+            ),
+        })
+    }
+
+    fn set(&self, metadata: bool, object_store: bool) {
+        self.metadata.store(metadata, Ordering::Relaxed);
+        self.object_store.store(object_store, Ordering::Relaxed);
+        self.metadata_up.set(metadata as i64);
+        self.object_store_up.set(object_store as i64);
+    }
+
+    /// None when ready, else what is wrong.
+    pub fn problem(&self) -> Option<&'static str> {
+        match (
+            self.metadata.load(Ordering::Relaxed),
+            self.object_store.load(Ordering::Relaxed),
+        ) {
+            (true, true) => None,
+            (false, true) => Some("metadata store unavailable"),
+            (true, false) => Some("object store unreachable"),
+            (false, false) => Some("metadata store and object store unavailable"),
+        }
+    }
+}
+
+/// Background task: probes both stores every [`PROBE_INTERVAL`].
+pub struct ReadinessProbe {
+    pub registry: Arc<Registry>,
+    pub readiness: Arc<Readiness>,
+}
+
+impl ReadinessProbe {
+    pub async fn probe_once(&self) {
+        let metadata = self.registry.meta.repository_exists("").await.is_ok();
+        let object_store = match self.registry.store.check().await {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("readiness: {e}");
+                false
+            }
+        };
+        self.readiness.set(metadata, object_store);
+    }
+}
+
+#[async_trait]
+impl BackgroundService for ReadinessProbe {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(PROBE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => self.probe_once().await,
+            }
+        }
+    }
+}
+
+pub struct OpsApp {
+    pub readiness: Arc<Readiness>,
+}
+
+#[async_trait]
+impl ServeHttp for OpsApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let get = matches!(
+            session.req_header().method,
+            http::Method::GET | http::Method::HEAD
+        );
+        let (status, content_type, body) = match session.req_header().uri.path() {
+            _ if !get => (405, "text/plain", b"method not allowed\n".to_vec()),
+            "/metrics" => (
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                metrics::render(),
+            ),
+            "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
+            "/readyz" => match self.readiness.problem() {
+                None => (200, "text/plain", b"ready\n".to_vec()),
+                Some(p) => (503, "text/plain", format!("not ready: {p}\n").into_bytes()),
+            },
+            _ => (404, "text/plain", b"not found\n".to_vec()),
+        };
+        Response::builder()
+            .status(status)
+            .header("Content-Type", content_type)
+            .header("Content-Length", body.len())
+            .body(body)
+            .expect("valid response")
+    }
+}

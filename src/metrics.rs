@@ -1,0 +1,300 @@
+//! Prometheus metrics. Every metric berth exports is defined here, registered in one registry
+//! ([`REGISTRY`]), and recorded through handles resolved once: the hot path (per request, per
+//! chunk) does an atomic add, no label lookup, no allocation, no lock.
+//!
+//! Label cardinality stays bounded: routes are templates (`/v2/{name}/manifests/{reference}`),
+//! never repository names or digests.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+
+use crate::http::endpoint::ROUTES;
+
+pub static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
+    let r = Registry::new();
+    #[cfg(target_os = "linux")]
+    r.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))
+    .expect("process collector");
+    r
+});
+
+/// Buckets that resolve sub-millisecond metadata calls and multi-second blob transfers.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("metric");
+    REGISTRY.register(Box::new(c.clone())).expect("register");
+    c
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric");
+    REGISTRY.register(Box::new(c.clone())).expect("register");
+    c
+}
+
+/// A gauge registered in [`REGISTRY`].
+pub fn gauge(name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("metric");
+    REGISTRY.register(Box::new(g.clone())).expect("register");
+    g
+}
+
+fn histogram_vec(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )
+    .expect("metric");
+    REGISTRY.register(Box::new(h.clone())).expect("register");
+    h
+}
+
+/// HTTP methods berth distinguishes in labels; anything else counts as "other".
+const METHODS: [&str; 7] = ["GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "other"];
+/// Statuses berth answers with; any other counts under its exact code on a slow path.
+const STATUSES: [u16; 18] = [
+    200, 201, 202, 204, 206, 307, 400, 401, 403, 404, 405, 409, 413, 416, 499, 500, 502, 503,
+];
+
+pub struct HttpMetrics {
+    requests: IntCounterVec,
+    /// `requests` handles by [route][method][status index], resolved on first use.
+    request_handles: Vec<[[std::sync::OnceLock<IntCounter>; STATUSES.len()]; METHODS.len()]>,
+    duration: Vec<Histogram>,
+}
+
+impl HttpMetrics {
+    fn new() -> Self {
+        let requests = counter_vec(
+            "berth_http_requests_total",
+            "HTTP requests answered, by method, route template and status.",
+            &["method", "route", "status"],
+        );
+        let duration_vec = histogram_vec(
+            "berth_http_request_duration_seconds",
+            "Time from request start to the end of the response, by route template.",
+            &["route"],
+        );
+        let duration = ROUTES
+            .iter()
+            .map(|r| duration_vec.with_label_values(&[r]))
+            .collect();
+        let request_handles = ROUTES
+            .iter()
+            .map(|_| std::array::from_fn(|_| std::array::from_fn(|_| std::sync::OnceLock::new())))
+            .collect();
+        HttpMetrics {
+            requests,
+            request_handles,
+            duration,
+        }
+    }
+
+    /// Records one answered request. `route` is an index into [`ROUTES`].
+    pub fn observe(&self, route: usize, method: &http::Method, status: u16, elapsed: Duration) {
+        let m = METHODS
+            .iter()
+            .position(|m| *m == method.as_str())
+            .unwrap_or(METHODS.len() - 1);
+        match STATUSES.iter().position(|s| *s == status) {
+            Some(s) => self.request_handles[route][m][s]
+                .get_or_init(|| {
+                    self.requests.with_label_values(&[
+                        METHODS[m],
+                        ROUTES[route],
+                        &status.to_string(),
+                    ])
+                })
+                .inc(),
+            None => self
+                .requests
+                .with_label_values(&[METHODS[m], ROUTES[route], &status.to_string()])
+                .inc(),
+        }
+        self.duration[route].observe(elapsed.as_secs_f64());
+    }
+}
+
+pub static HTTP: LazyLock<HttpMetrics> = LazyLock::new(HttpMetrics::new);
+
+pub struct BlobMetrics {
+    pub bytes_sent: IntCounter,
+    pub bytes_received: IntCounter,
+    pub get_redirect: IntCounter,
+    pub get_proxy: IntCounter,
+}
+
+pub static BLOBS: LazyLock<BlobMetrics> = LazyLock::new(|| {
+    let gets = counter_vec(
+        "berth_blob_gets_total",
+        "Blob GETs answered, by how: 307 redirect to the object store or proxied through berth.",
+        &["mode"],
+    );
+    BlobMetrics {
+        bytes_sent: counter(
+            "berth_blob_sent_bytes_total",
+            "Blob bytes sent to clients through berth (proxy mode).",
+        ),
+        bytes_received: counter(
+            "berth_blob_received_bytes_total",
+            "Blob bytes received from clients in uploads.",
+        ),
+        get_redirect: gets.with_label_values(&["redirect"]),
+        get_proxy: gets.with_label_values(&["proxy"]),
+    }
+});
+
+pub struct UploadMetrics {
+    /// Requests writing an upload right now.
+    pub in_progress: IntGauge,
+    pub started: IntCounter,
+    pub finished: IntCounter,
+    pub cancelled: IntCounter,
+    pub expired: IntCounter,
+    pub failed: IntCounter,
+    /// Bytes held in part buffers right now (bounded: two parts per upload at most).
+    pub buffered_bytes: IntGauge,
+}
+
+pub static UPLOADS: LazyLock<UploadMetrics> = LazyLock::new(|| {
+    let outcomes = counter_vec(
+        "berth_uploads_total",
+        "Upload sessions by outcome: started, finished (blob stored), cancelled, expired, failed.",
+        &["outcome"],
+    );
+    UploadMetrics {
+        in_progress: gauge(
+            "berth_uploads_in_progress",
+            "Requests streaming upload bytes right now.",
+        ),
+        started: outcomes.with_label_values(&["started"]),
+        finished: outcomes.with_label_values(&["finished"]),
+        cancelled: outcomes.with_label_values(&["cancelled"]),
+        expired: outcomes.with_label_values(&["expired"]),
+        failed: outcomes.with_label_values(&["failed"]),
+        buffered_bytes: gauge(
+            "berth_upload_buffered_bytes",
+            "Upload bytes held in memory in part buffers right now.",
+        ),
+    }
+});
+
+/// Object-store operations berth performs.
+#[derive(Debug, Clone, Copy)]
+pub enum StoreOp {
+    HeadBucket,
+    PutObject,
+    CreateMultipart,
+    UploadPart,
+    CompleteMultipart,
+    AbortMultipart,
+    DeleteObject,
+    /// A proxied blob GET (timed until the response headers arrive).
+    GetObject,
+}
+
+const STORE_OPS: [&str; 8] = [
+    "HeadBucket",
+    "PutObject",
+    "CreateMultipartUpload",
+    "UploadPart",
+    "CompleteMultipartUpload",
+    "AbortMultipartUpload",
+    "DeleteObject",
+    "GetObject",
+];
+
+pub struct StoreMetrics {
+    ok: Vec<IntCounter>,
+    error: Vec<IntCounter>,
+    duration: Vec<Histogram>,
+}
+
+impl StoreMetrics {
+    pub fn observe(&self, op: StoreOp, ok: bool, elapsed: Duration) {
+        let i = op as usize;
+        if ok {
+            self.ok[i].inc();
+        } else {
+            self.error[i].inc();
+        }
+        self.duration[i].observe(elapsed.as_secs_f64());
+    }
+}
+
+pub static STORE: LazyLock<StoreMetrics> = LazyLock::new(|| {
+    let requests = counter_vec(
+        "berth_object_store_requests_total",
+        "Requests to the object store by operation and outcome (ok or error, after retries).",
+        &["operation", "outcome"],
+    );
+    let duration = histogram_vec(
+        "berth_object_store_request_duration_seconds",
+        "Object-store request duration by operation (retries included).",
+        &["operation"],
+    );
+    StoreMetrics {
+        ok: STORE_OPS
+            .iter()
+            .map(|op| requests.with_label_values(&[op, "ok"]))
+            .collect(),
+        error: STORE_OPS
+            .iter()
+            .map(|op| requests.with_label_values(&[op, "error"]))
+            .collect(),
+        duration: STORE_OPS
+            .iter()
+            .map(|op| duration.with_label_values(&[op]))
+            .collect(),
+    }
+});
+
+/// Metadata-store operations, timed per call.
+pub struct MetaMetrics {
+    duration: HistogramVec,
+}
+
+impl MetaMetrics {
+    /// The histogram of one operation; resolve once and keep it where the call is hot.
+    pub fn op(&self, name: &str) -> Histogram {
+        self.duration.with_label_values(&[name])
+    }
+}
+
+pub static META: LazyLock<MetaMetrics> = LazyLock::new(|| MetaMetrics {
+    duration: histogram_vec(
+        "berth_metadata_operation_duration_seconds",
+        "Metadata-store operation duration by operation.",
+        &["operation"],
+    ),
+});
+
+/// Touches every metric so that all series exist from the start (a scrape right after start
+/// shows zeros rather than nothing).
+pub fn init() {
+    LazyLock::force(&HTTP);
+    LazyLock::force(&BLOBS);
+    LazyLock::force(&UPLOADS);
+    LazyLock::force(&STORE);
+    LazyLock::force(&META);
+}
+
+/// The registry in Prometheus text format.
+pub fn render() -> Vec<u8> {
+    use prometheus::Encoder;
+    let mut out = Vec::with_capacity(16 * 1024);
+    prometheus::TextEncoder::new()
+        .encode(&REGISTRY.gather(), &mut out)
+        .expect("text encoding");
+    out
+}
