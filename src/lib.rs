@@ -8,11 +8,13 @@
 //! - [`server`]: start-up (metadata store, embedded or remote object store, bucket check) and
 //!   the pingora server with its background tasks.
 //! - [`http`]: the HTTP surface: request → [`http::endpoint::Endpoint`] → handler → response;
-//!   proxied blob GETs.
+//!   proxied blob GETs; the access log; the operations listener (`/metrics`, `/healthz`,
+//!   `/readyz`).
 //! - [`registry`]: what each operation means: names, manifests, uploads, errors.
-//! - [`meta`]: the [`meta::MetaStore`] trait and its embedded redb backend.
+//! - [`meta`]: the [`meta::MetaStore`] trait, its embedded redb backend, and a timing decorator.
 //! - [`storage`]: the S3 client (SigV4 presigning, multipart) and the embedded S3 endpoint.
 //! - [`config`]: the YAML config with `_env:NAME` values.
+//! - [`metrics`]: every Prometheus metric berth exports, recorded through pre-resolved handles.
 //! - [`auth`]: authentication (htpasswd, Docker tokens), per-repository access, limits.
 //! - [`tls`]: downstream TLS (certificate reload on SIGHUP, mTLS).
 

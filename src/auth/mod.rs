@@ -84,6 +84,8 @@ pub struct Guard {
 
 /// A request let through; holds its upload slot, if it takes one, until dropped.
 pub struct Admission {
+    /// The verified user name or token subject, for the access log.
+    pub user: Option<String>,
     _upload_slot: Option<OwnedSemaphorePermit>,
 }
 
@@ -162,8 +164,16 @@ impl Guard {
         session.set_read_timeout(Some(self.limits.read_timeout));
         session.set_keepalive(Some(self.limits.idle_timeout.as_secs().max(1)));
         self.limits.check_header(session.req_header())?;
-        self.authorize(session.req_header(), ep).await?;
+        let principal = self.authorize(session.req_header(), ep).await?;
+        let user = match principal {
+            Principal::Anonymous => None,
+            Principal::User(name) => Some(name),
+            Principal::Token { subject, .. } => Some(subject).filter(|s| !s.is_empty()),
+        }
+        // One token in a log line, whatever the name holds.
+        .map(|u| u.replace(|c: char| c.is_whitespace() || c.is_control(), "_"));
         Ok(Admission {
+            user,
             _upload_slot: self.limits.upload_slot(ep)?,
         })
     }

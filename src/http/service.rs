@@ -19,7 +19,7 @@ use super::handlers::{handle, Outcome};
 use super::response::{send_error, set, API_VERSION, API_VERSION_HEADER, JSON, RETRY_AFTER_SECS};
 use crate::auth::Guard;
 use crate::config::LogFormat;
-use crate::metrics::{BLOBS, HTTP};
+use crate::metrics::{StoreOp, BLOBS, HTTP, STORE};
 use crate::registry::names::Digest;
 use crate::registry::{Registry, RegistryError};
 use crate::storage::Upstream;
@@ -53,6 +53,8 @@ pub struct RequestCtx {
 struct ProxyTarget {
     path_and_query: String,
     digest: Digest,
+    /// When the upstream request went out (GetObject is timed to its response header).
+    sent: Option<Instant>,
 }
 
 impl BerthService {
@@ -135,7 +137,8 @@ impl ProxyHttp for BerthService {
         let reads_body = endpoint.reads_body();
         let result = match self.guard.admit(session, &mut endpoint).await {
             // The admission (an upload slot) is held until the handler is done.
-            Ok(_admission) => {
+            Ok(admission) => {
+                ctx.user = admission.user.clone();
                 if reads_body && expects_continue(session.req_header()) {
                     session.write_continue_response().await?;
                 }
@@ -153,6 +156,7 @@ impl ProxyHttp for BerthService {
                 ctx.proxy = Some(ProxyTarget {
                     path_and_query,
                     digest,
+                    sent: None,
                 });
                 Ok(false)
             }
@@ -194,8 +198,9 @@ impl ProxyHttp for BerthService {
     ) -> Result<()> {
         let target = ctx
             .proxy
-            .as_ref()
+            .as_mut()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no proxy target"))?;
+        target.sent = Some(Instant::now());
         let uri: http::Uri = target
             .path_and_query
             .parse()
@@ -217,6 +222,9 @@ impl ProxyHttp for BerthService {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let status = resp.status.as_u16();
+        if let Some(sent) = ctx.proxy.as_ref().and_then(|t| t.sent) {
+            STORE.observe(StoreOp::GetObject, status < 400, sent.elapsed());
+        }
         let error = match status {
             200 | 206 => None,
             304 => None,
@@ -301,6 +309,11 @@ impl ProxyHttp for BerthService {
         RequestCtx: Send + Sync,
     {
         let already_answered = session.response_written().is_some();
+        if let Some(sent) = ctx.proxy.as_ref().and_then(|t| t.sent) {
+            if !already_answered {
+                STORE.observe(StoreOp::GetObject, false, sent.elapsed());
+            }
+        }
         let error_code = if already_answered {
             0
         } else {

@@ -148,8 +148,11 @@ impl Registry {
             .finish_upload(repo, &id, digest, content_length, body)
             .await;
         if result.is_err() {
-            // Nobody knows this session's id: don't leave it behind.
-            let _ = self.cancel_upload(repo, &id).await;
+            // Nobody knows this session's id: don't leave it behind. (Counted as failed by
+            // finish_upload, not as cancelled.)
+            if let Ok(Some(session)) = self.meta.upload(&id).await {
+                let _ = self.discard_session(&session).await;
+            }
         }
         result
     }

@@ -3,6 +3,9 @@
 //! real HTTP.
 #![allow(dead_code)]
 
+pub mod forward;
+pub mod prom;
+
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
