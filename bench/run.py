@@ -574,8 +574,10 @@ def hey(url, seconds, method="HEAD"):
             "requests": sum(codes.values()), "non2xx3xx": sum(n for c, n in codes.items() if c >= 400)}
 
 
-def curl_get(url, follow=False, timeout=600):
+def curl_get(url, follow=False, timeout=600, cpus=None):
     argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{time_total}"]
+    if cpus:
+        argv = ["taskset", "-c", cpus, *argv]
     if follow:
         argv.append("-L")
     r = run([*argv, url], timeout=timeout)
@@ -966,8 +968,13 @@ def bench(args, work, stamp):
             _check_status(url, "HEAD" if tool == "hey" else "GET", 200, headers or [])
             if P["warmup_seconds"]:
                 (wrk(url, P["warmup_seconds"], headers) if tool == "wrk" else hey(url, P["warmup_seconds"]))
-            rows = [wrk(url, P["load_seconds"], headers) if tool == "wrk" else hey(url, P["load_seconds"])
-                    for _ in range(P["reps"])]
+            rows = []
+            for _ in range(P["reps"]):
+                cpu0 = cpu_seconds(reg.pid)
+                row = wrk(url, P["load_seconds"], headers) if tool == "wrk" else hey(url, P["load_seconds"])
+                # the registry's CPU per request: what the client's share of the cores does not skew
+                row["cpu_us_per_req"] = (cpu_seconds(reg.pid) - cpu0) * 1e6 / max(1, row["requests"])
+                rows.append(row)
             R["small"][reg.name][case] = _agg(rows)
             s = R["small"][reg.name][case]
             log(f"{case} {reg.name}: {fmt(s['rps'])} req/s, p50 {fmt(s['p50_ms'], 2)} ms, p99 {fmt(s['p99_ms'], 2)} ms")
@@ -1001,6 +1008,33 @@ def bench(args, work, stamp):
             R["blob_get"][label][name] = _agg(rows[name])
             log(f"GET {label} {name}: {fmt(R['blob_get'][label][name]['mbps'])} MB/s")
 
+    # ---- the same 64 MiB GETs with Garage on a core of its own (taskset), registries and curl on
+    # the others: shows what proxying costs when the object store does not compete with the
+    # registry and the client for CPU, as when it runs on other machines
+    ncpu = os.cpu_count() or 1
+    if ncpu >= 2 and shutil.which("taskset"):
+        gcpu, rest, every = str(ncpu - 1), f"0-{ncpu - 2}", f"0-{ncpu - 1}"
+        paths = [(r.name, f"{r.base}/v2/bench/push0/blobs/{layer64(r.name)['digest']}", r)
+                 for r in (berth, dist_s3)] + [("garage-direct", None, None)]
+        rows = {name: [] for name, _, _ in paths}
+        try:
+            run(["taskset", "-a", "-p", "-c", gcpu, str(garage.proc.pid)])
+            for r in regs:
+                run(["taskset", "-a", "-p", "-c", rest, str(r.pid)])
+            for rnd in range(P["small_get_reps"] + 1):
+                for name, url, reg in paths:
+                    u = url or presign("GET", garage.endpoint, "direct", "layer64", garage.key_id, garage.secret)
+                    n_, secs = curl_get(u, cpus=rest)
+                    if rnd:
+                        rows[name].append({"mbps": n_ / secs / 1e6})
+        finally:
+            for pid in [garage.proc.pid] + [r.pid for r in regs]:
+                run(["taskset", "-a", "-p", "-c", every, str(pid)], check=False)
+        R["blob_get_pinned"] = {"garage_cpus": gcpu, "other_cpus": rest,
+                                **{name: _agg(rows[name]) for name, _, _ in paths}}
+        log("GET 64MiB, Garage pinned: " + ", ".join(
+            f"{name} {fmt(R['blob_get_pinned'][name]['mbps'])} MB/s" for name, _, _ in paths))
+
     # ---- 32 concurrent GETs of the same 64 MiB layer (interleaved rounds as well)
     n = P["concurrent"]
     paths = [(r.name, r) for r in regs] + [("garage-direct", None)]
@@ -1032,7 +1066,12 @@ def bench(args, work, stamp):
         _check_status(url, "GET", 307, [])
         if P["warmup_seconds"]:
             wrk(url, P["warmup_seconds"])
-        rows = [wrk(url, P["load_seconds"]) for _ in range(P["reps"])]
+        rows = []
+        for _ in range(P["reps"]):
+            cpu0 = cpu_seconds(reg.pid)
+            row = wrk(url, P["load_seconds"])
+            row["cpu_us_per_req"] = (cpu_seconds(reg.pid) - cpu0) * 1e6 / max(1, row["requests"])
+            rows.append(row)
         R["redirect"][reg.name] = {"307": _agg(rows)}
         rows = []
         for _ in range(P["reps"]):
@@ -1102,6 +1141,10 @@ def targets_of(R):
         ">= 25x", r >= 25, r)
     p99 = med(sm[b]["manifest_get"]["p99_ms"])
     add("manifest GET p99 < 5 ms at 32 connections", p99, "ms", "< 5 ms", p99 < 5)
+    if "cpu_us_per_req" in sm[b]["manifest_get"]:
+        cb, cd = med(sm[b]["manifest_get"]["cpu_us_per_req"]), med(sm[dfs]["manifest_get"]["cpu_us_per_req"])
+        add("(info) manifest GET server CPU per request: distribution (filesystem) / berth", cb, "µs/req",
+            "(25x)", cd / cb >= 25, cd / cb, info=True)
     for label in ("64MiB", "big"):
         g = R["blob_get"][label]
         size = f"{g['bytes'] / MiB:,.0f} MiB"
@@ -1111,6 +1154,11 @@ def targets_of(R):
         r2 = med(g[b]["mbps"]) / med(g[ds3]["mbps"])
         add(f"blob GET {size} through berth >= distribution proxied (S3)", med(g[b]["mbps"]), "MB/s",
             ">= 1x", r2 >= 1, r2)
+    if "blob_get_pinned" in R:
+        g = R["blob_get_pinned"]
+        r = med(g[b]["mbps"]) / med(g["garage-direct"]["mbps"])
+        add("(info) blob GET 64 MiB, Garage on a core of its own: berth vs direct Garage", med(g[b]["mbps"]),
+            "MB/s", "(0.95x)", r >= 0.95, r, info=True)
     c = R["concurrent"]
     r = med(c[b]["mbps"]) / med(c["garage-direct"]["mbps"])
     add("(info) 32 concurrent GETs of 64 MiB: berth vs direct Garage, aggregate", med(c[b]["mbps"]), "MB/s",
@@ -1185,16 +1233,20 @@ def report(R):
       "issue; they show the same comparisons under 32 concurrent downloads.\n")
 
     w(f"## Small requests ({CONN} connections)\n")
-    w("| request | registry | req/s | p50 ms | p99 ms |")
-    w("| --- | --- | ---: | ---: | ---: |")
+    w("| request | registry | req/s | p50 ms | p99 ms | registry CPU µs/request |")
+    w("| --- | --- | ---: | ---: | ---: | ---: |")
     for case in ("manifest_get", "blob_head", "tags_list", "catalog"):
         for reg, cases in R["small"].items():
             s = cases[case]
-            w(f"| {case} | {reg} | {fmt(s['rps'])} | {fmt(s['p50_ms'], 2)} | {fmt(s['p99_ms'], 2)} |")
+            w(f"| {case} | {reg} | {fmt(s['rps'])} | {fmt(s['p50_ms'], 2)} | {fmt(s['p99_ms'], 2)} | "
+              f"{fmt(s.get('cpu_us_per_req'), 1)} |")
     for reg, d in R["redirect"].items():
         s = d["307"]
-        w(f"| blob GET → 307 | {reg} | {fmt(s['rps'])} | {fmt(s['p50_ms'], 2)} | {fmt(s['p99_ms'], 2)} |")
+        w(f"| blob GET → 307 | {reg} | {fmt(s['rps'])} | {fmt(s['p50_ms'], 2)} | {fmt(s['p99_ms'], 2)} | "
+          f"{fmt(s.get('cpu_us_per_req'), 1)} |")
     w("")
+    w("The client (wrk/hey) runs on the same cores: the faster the registry, the larger the share of the CPU "
+      "the client takes from it. Registry CPU per request does not depend on that.\n")
 
     w("## Blob GET, one stream (curl)\n")
     w("| blob | path | MB/s | registry peak RSS MiB | registry CPU s | Garage CPU s |")
@@ -1210,6 +1262,16 @@ def report(R):
         w(f"| 64 MiB | {reg} (307, curl -L) | {fmt(d['get_64MiB_follow']['mbps'])} | | | |")
     w("")
 
+    if "blob_get_pinned" in R:
+        g = R["blob_get_pinned"]
+        w(f"### 64 MiB GET with Garage pinned to CPU {g['garage_cpus']} (registries and curl on CPUs "
+          f"{g['other_cpus']})\n")
+        w("| path | MB/s |")
+        w("| --- | ---: |")
+        for name, s in g.items():
+            if isinstance(s, dict):
+                w(f"| {name} | {fmt(s['mbps'])} |")
+        w("")
     w(f"## {P['concurrent']} concurrent GETs of the same 64 MiB layer\n")
     w("| path | aggregate MB/s | wall s | registry peak RSS MiB | registry CPU s | Garage CPU s |")
     w("| --- | ---: | ---: | ---: | ---: | ---: |")
