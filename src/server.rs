@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora_core::server::configuration::ServerConf;
-use pingora_core::server::{Server, ShutdownWatch};
+use pingora_core::server::{RunArgs, Server, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 
 use crate::config::Config;
+use crate::http::access_log::AccessLog;
 use crate::http::ops::{OpsApp, Readiness, ReadinessProbe};
 use crate::http::service::BerthService;
 use crate::meta::instrumented::Instrumented;
@@ -112,11 +113,12 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
+    let access_log = AccessLog::new(config.access_log.then_some(config.log_format));
     let mut http = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
         BerthService::new(registry.clone())
             .with_guard(guard.clone())
-            .with_access_log(config.access_log.then_some(config.log_format)),
+            .with_access_log(access_log.clone()),
         "berth registry",
     );
     let resolver = match tls {
@@ -167,7 +169,10 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
         config.listen,
         if config.tls.is_some() { " (TLS)" } else { "" }
     );
-    server.run_forever()
+    server.run(RunArgs::default());
+    // The lines of the last requests may still be in the access log's buffer.
+    access_log.flush();
+    std::process::exit(0)
 }
 
 fn fail_start(e: &str) -> ! {

@@ -1069,6 +1069,24 @@ fn access_log_json_lines() {
     );
 }
 
+/// Access lines are written in batches; the last batch is written when berth stops, not lost.
+#[test]
+fn access_log_is_flushed_at_shutdown() {
+    let mut o = Observed::start("log_format: json\nshutdown_grace: 0s\n", None);
+    for _ in 0..20 {
+        assert_eq!(o.get("/v2/_catalog").status(), 200);
+    }
+    o.berth.signal(libc::SIGTERM);
+    let status = o.berth.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+    let log = o.berth.log();
+    let catalog = access_lines(&log)
+        .iter()
+        .filter(|l| l["path"] == "/v2/_catalog" && l["status"] == 200)
+        .count();
+    assert_eq!(catalog, 20, "{log}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // promtool, a real Prometheus, the Grafana dashboard
 // ---------------------------------------------------------------------------------------------

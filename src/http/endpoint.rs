@@ -175,23 +175,23 @@ impl Endpoint {
             };
         }
 
-        let segments: Vec<&str> = rest.split('/').collect();
-        let (name_len, route) = match segments.as_slice() {
-            [.., "tags", "list"] => (segments.len() - 2, Route::Tags),
-            [.., "blobs", "uploads", id] => (segments.len() - 3, Route::Upload(id)),
-            [.., "blobs", "uploads"] => (segments.len() - 2, Route::Upload("")),
-            [.., "manifests", r] => (segments.len() - 2, Route::Manifest(r)),
-            [.., "blobs", d] => (segments.len() - 2, Route::Blob(d)),
-            [.., "referrers", d] => (segments.len() - 2, Route::Referrers(d)),
+        // The route is in the last two or three segments; the name is everything before.
+        let mut tail = rest.rsplit('/');
+        let (last, prev, prev2) = (tail.next().unwrap_or(""), tail.next(), tail.next());
+        let (tail_len, route) = match (prev2, prev, last) {
+            (_, Some("tags"), "list") => (2, Route::Tags),
+            (Some("blobs"), Some("uploads"), id) => (3, Route::Upload(id)),
+            (_, Some("blobs"), "uploads") => (2, Route::Upload("")),
+            (_, Some("manifests"), r) => (2, Route::Manifest(r)),
+            (_, Some("blobs"), d) => (2, Route::Blob(d)),
+            (_, Some("referrers"), d) => (2, Route::Referrers(d)),
             _ => return Err(RegistryError::RouteUnknown),
         };
-        if name_len == 0 {
-            return Err(RegistryError::RouteUnknown);
-        }
-        let name = segments[..name_len].join("/");
-        if !valid_repository(&name) {
+        let name = name_before(rest, tail_len).ok_or(RegistryError::RouteUnknown)?;
+        if !valid_repository(name) {
             return Err(RegistryError::NameInvalid);
         }
+        let name = name.to_owned();
 
         match route {
             Route::Tags if get => Ok(Endpoint::TagsList {
@@ -262,6 +262,15 @@ impl Endpoint {
             _ => Err(RegistryError::Unsupported),
         }
     }
+}
+
+/// `rest` without its last `segments` path segments; None if no name is left.
+fn name_before(rest: &str, segments: usize) -> Option<&str> {
+    let mut end = rest.len();
+    for _ in 0..segments {
+        end = rest[..end].rfind('/')?;
+    }
+    (end > 0).then(|| &rest[..end])
 }
 
 enum Route<'a> {

@@ -18,7 +18,6 @@ use super::endpoint::{Endpoint, ROUTES, UNMATCHED_ROUTE};
 use super::handlers::{handle, Outcome};
 use super::response::{send_error, set, API_VERSION, API_VERSION_HEADER, JSON, RETRY_AFTER_SECS};
 use crate::auth::Guard;
-use crate::config::LogFormat;
 use crate::metrics::{StoreOp, BLOBS, HTTP, STORE};
 use crate::registry::names::Digest;
 use crate::registry::{Registry, RegistryError};
@@ -69,9 +68,9 @@ impl BerthService {
         }
     }
 
-    /// Writes an access-log line per request in `format` (none by default).
-    pub fn with_access_log(mut self, format: Option<LogFormat>) -> Self {
-        self.access_log = AccessLog::new(format);
+    /// Writes an access-log line per request to `log` (none by default).
+    pub fn with_access_log(mut self, log: AccessLog) -> Self {
+        self.access_log = log;
         self
     }
 

@@ -25,7 +25,7 @@ struct Timers {
     unlink_blob: Histogram,
     put_manifest: Histogram,
     manifest: Histogram,
-    resolve_tag: Histogram,
+    tagged_manifest: Histogram,
     delete_manifest: Histogram,
     delete_tag: Histogram,
     tags: Histogram,
@@ -50,7 +50,7 @@ impl<M: MetaStore> Instrumented<M> {
             unlink_blob: META.op("unlink_blob"),
             put_manifest: META.op("put_manifest"),
             manifest: META.op("manifest"),
-            resolve_tag: META.op("resolve_tag"),
+            tagged_manifest: META.op("tagged_manifest"),
             delete_manifest: META.op("delete_manifest"),
             delete_tag: META.op("delete_tag"),
             tags: META.op("tags"),
@@ -110,9 +110,13 @@ impl<M: MetaStore> MetaStore for Instrumented<M> {
         self.inner.manifest(repo, digest).await
     }
 
-    async fn resolve_tag(&self, repo: &str, tag: &str) -> MetaResult<Option<Digest>> {
-        let _t = self.timers.resolve_tag.start_timer();
-        self.inner.resolve_tag(repo, tag).await
+    async fn tagged_manifest(
+        &self,
+        repo: &str,
+        tag: &str,
+    ) -> MetaResult<Option<(Digest, ManifestRecord)>> {
+        let _t = self.timers.tagged_manifest.start_timer();
+        self.inner.tagged_manifest(repo, tag).await
     }
 
     async fn delete_manifest(&self, repo: &str, digest: &Digest) -> MetaResult<bool> {

@@ -121,7 +121,13 @@ pub trait MetaStore: Send + Sync + 'static {
         referrer: Option<Referrer>,
     ) -> MetaResult<()>;
     async fn manifest(&self, repo: &str, digest: &Digest) -> MetaResult<Option<ManifestRecord>>;
-    async fn resolve_tag(&self, repo: &str, tag: &str) -> MetaResult<Option<Digest>>;
+    /// The manifest `tag` points at in `repo`, with its digest, read in one snapshot (a
+    /// concurrent re-tag or delete never yields a digest without its manifest).
+    async fn tagged_manifest(
+        &self,
+        repo: &str,
+        tag: &str,
+    ) -> MetaResult<Option<(Digest, ManifestRecord)>>;
     /// Deletes the manifest, every tag of `repo` pointing at it, and its referrers entry.
     async fn delete_manifest(&self, repo: &str, digest: &Digest) -> MetaResult<bool>;
     async fn delete_tag(&self, repo: &str, tag: &str) -> MetaResult<bool>;

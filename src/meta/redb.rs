@@ -124,6 +124,23 @@ fn rtable<K: Key + 'static, V: Value + 'static>(
 }
 
 /// Removes all pending chunks of upload `id`.
+fn read_manifest(
+    txn: &ReadTransaction,
+    repo: &str,
+    digest: &str,
+) -> MetaResult<Option<ManifestRecord>> {
+    let manifests = rtable(txn, MANIFESTS)?;
+    let Some(g) = manifests.get((repo, digest)).map_err(ctx("manifest"))? else {
+        return Ok(None);
+    };
+    let (media_type, subject, body) = g.value();
+    Ok(Some(ManifestRecord {
+        media_type: media_type.to_owned(),
+        body: Bytes::copy_from_slice(body),
+        subject: subject.map(|s| parse_digest("manifests", s)).transpose()?,
+    }))
+}
+
 fn clear_pending(pending: &mut Table<'_, (&str, u32), &[u8]>, id: &str) -> MetaResult<()> {
     pending
         .retain_in((id, 0u32)..=(id, u32::MAX), |_, _| false)
@@ -325,26 +342,28 @@ impl MetaStore for RedbStore {
 
     async fn manifest(&self, repo: &str, digest: &Digest) -> MetaResult<Option<ManifestRecord>> {
         let txn = self.read()?;
-        let manifests = rtable(&txn, MANIFESTS)?;
-        let Some(g) = manifests
-            .get((repo, digest.as_str()))
-            .map_err(ctx("manifest"))?
-        else {
-            return Ok(None);
-        };
-        let (media_type, subject, body) = g.value();
-        Ok(Some(ManifestRecord {
-            media_type: media_type.to_owned(),
-            body: Bytes::copy_from_slice(body),
-            subject: subject.map(|s| parse_digest("manifests", s)).transpose()?,
-        }))
+        read_manifest(&txn, repo, digest.as_str())
     }
 
-    async fn resolve_tag(&self, repo: &str, tag: &str) -> MetaResult<Option<Digest>> {
+    async fn tagged_manifest(
+        &self,
+        repo: &str,
+        tag: &str,
+    ) -> MetaResult<Option<(Digest, ManifestRecord)>> {
         let txn = self.read()?;
         let tags = rtable(&txn, TAGS)?;
-        let found = tags.get((repo, tag)).map_err(ctx("resolve_tag"))?;
-        found.map(|g| parse_digest("tags", g.value())).transpose()
+        let Some(g) = tags.get((repo, tag)).map_err(ctx("tagged_manifest"))? else {
+            return Ok(None);
+        };
+        let digest = g.value();
+        let Some(record) = read_manifest(&txn, repo, digest)? else {
+            // Tags are removed with their manifest in one transaction.
+            return Err(corrupt(
+                "tags",
+                format!("{repo}:{tag} -> {digest} has no manifest"),
+            ));
+        };
+        Ok(Some((parse_digest("tags", digest)?, record)))
     }
 
     async fn delete_manifest(&self, repo: &str, digest: &Digest) -> MetaResult<bool> {
@@ -644,6 +663,14 @@ impl MetaStore for RedbStore {
 mod tests {
     use super::*;
 
+    /// The digest `tag` resolves to, checking that the manifest read with it is the one
+    /// stored under that digest.
+    async fn resolve_tag(s: &RedbStore, repo: &str, tag: &str) -> Option<Digest> {
+        let (digest, record) = s.tagged_manifest(repo, tag).await.unwrap()?;
+        assert_eq!(s.manifest(repo, &digest).await.unwrap(), Some(record));
+        Some(digest)
+    }
+
     fn digest(n: u8) -> Digest {
         Digest::parse(&format!("sha256:{}", format!("{n:02x}").repeat(32))).unwrap()
     }
@@ -693,7 +720,7 @@ mod tests {
         assert_eq!(s.blob(&digest(1)).await.unwrap(), None);
         assert_eq!(s.repo_blob("a", &digest(1)).await.unwrap(), None);
         assert_eq!(s.manifest("a", &digest(1)).await.unwrap(), None);
-        assert_eq!(s.resolve_tag("a", "latest").await.unwrap(), None);
+        assert_eq!(resolve_tag(&s, "a", "latest").await, None);
         assert!(s.tags("a", None, 10).await.unwrap().is_empty());
         assert!(s.repositories(None, 10).await.unwrap().is_empty());
         assert!(!s.repository_exists("a").await.unwrap());
@@ -802,23 +829,17 @@ mod tests {
         let got = s.manifest("repo", &m1).await.unwrap().unwrap();
         assert_eq!(got, manifest(body1, None));
         assert_eq!(&got.body[..], body1.as_bytes());
-        assert_eq!(s.resolve_tag("repo", "v1").await.unwrap(), Some(m1.clone()));
-        assert_eq!(
-            s.resolve_tag("repo", "latest").await.unwrap(),
-            Some(m1.clone())
-        );
-        assert_eq!(s.resolve_tag("repo", "v2").await.unwrap(), Some(m2.clone()));
-        assert_eq!(s.resolve_tag("repo", "nope").await.unwrap(), None);
+        assert_eq!(resolve_tag(&s, "repo", "v1").await, Some(m1.clone()));
+        assert_eq!(resolve_tag(&s, "repo", "latest").await, Some(m1.clone()));
+        assert_eq!(resolve_tag(&s, "repo", "v2").await, Some(m2.clone()));
+        assert_eq!(resolve_tag(&s, "repo", "nope").await, None);
         assert_eq!(s.manifest("repo3", &m1).await.unwrap(), None);
 
         // Retagging moves the tag.
         s.put_manifest("repo", &m2, manifest("{}", None), Some("latest"), None)
             .await
             .unwrap();
-        assert_eq!(
-            s.resolve_tag("repo", "latest").await.unwrap(),
-            Some(m2.clone())
-        );
+        assert_eq!(resolve_tag(&s, "repo", "latest").await, Some(m2.clone()));
         s.put_manifest("repo", &m1, manifest(body1, None), Some("latest"), None)
             .await
             .unwrap();
@@ -826,19 +847,16 @@ mod tests {
         assert!(s.delete_manifest("repo", &m1).await.unwrap());
         assert!(!s.delete_manifest("repo", &m1).await.unwrap());
         assert_eq!(s.manifest("repo", &m1).await.unwrap(), None);
-        assert_eq!(s.resolve_tag("repo", "v1").await.unwrap(), None);
-        assert_eq!(s.resolve_tag("repo", "latest").await.unwrap(), None);
-        assert_eq!(s.resolve_tag("repo", "v2").await.unwrap(), Some(m2.clone()));
+        assert_eq!(resolve_tag(&s, "repo", "v1").await, None);
+        assert_eq!(resolve_tag(&s, "repo", "latest").await, None);
+        assert_eq!(resolve_tag(&s, "repo", "v2").await, Some(m2.clone()));
         assert_eq!(s.tags("repo", None, 10).await.unwrap(), vec!["v2"]);
-        assert_eq!(
-            s.resolve_tag("repo2", "v1").await.unwrap(),
-            Some(m1.clone())
-        );
+        assert_eq!(resolve_tag(&s, "repo2", "v1").await, Some(m1.clone()));
         assert!(s.manifest("repo2", &m1).await.unwrap().is_some());
 
         assert!(s.delete_tag("repo", "v2").await.unwrap());
         assert!(!s.delete_tag("repo", "v2").await.unwrap());
-        assert_eq!(s.resolve_tag("repo", "v2").await.unwrap(), None);
+        assert_eq!(resolve_tag(&s, "repo", "v2").await, None);
         // Deleting the tag leaves the manifest.
         assert!(s.manifest("repo", &m2).await.unwrap().is_some());
         // The repository is still listed.
@@ -1144,10 +1162,7 @@ mod tests {
             s.repo_blob("lib/x", &d).await.unwrap(),
             Some(blob("obj/9", 9))
         );
-        assert_eq!(
-            s.resolve_tag("lib/x", "stable").await.unwrap(),
-            Some(r.clone())
-        );
+        assert_eq!(resolve_tag(&s, "lib/x", "stable").await, Some(r.clone()));
         assert_eq!(
             s.manifest("lib/x", &r).await.unwrap(),
             Some(manifest("{\"raw\": true}", Some(d.clone())))
@@ -1186,6 +1201,6 @@ mod tests {
         assert_eq!(tags.len(), 16);
         assert_eq!(tags[0], "t00");
         assert_eq!(tags[15], "t15");
-        assert_eq!(s.resolve_tag("c", "t07").await.unwrap(), Some(digest(7)));
+        assert_eq!(resolve_tag(&s, "c", "t07").await, Some(digest(7)));
     }
 }

@@ -63,19 +63,15 @@ impl Registry {
         repo: &str,
         reference: &Reference,
     ) -> RegistryResult<FoundManifest> {
-        let digest = match reference {
-            Reference::Digest(d) => d.clone(),
-            Reference::Tag(t) => self
+        let found = match reference {
+            Reference::Digest(d) => self
                 .meta
-                .resolve_tag(repo, t)
+                .manifest(repo, d)
                 .await?
-                .ok_or(RegistryError::ManifestUnknown)?,
+                .map(|record| (d.clone(), record)),
+            Reference::Tag(t) => self.meta.tagged_manifest(repo, t).await?,
         };
-        let record = self
-            .meta
-            .manifest(repo, &digest)
-            .await?
-            .ok_or(RegistryError::ManifestUnknown)?;
+        let (digest, record) = found.ok_or(RegistryError::ManifestUnknown)?;
         Ok(FoundManifest { digest, record })
     }
 
