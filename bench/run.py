@@ -334,17 +334,17 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / tick
 
 
-def berth_registry(name, berth_bin, work, garage, bucket, port, serving, data_dir):
+def berth_registry(name, berth_bin, work, garage, bucket, port, serving, data_dir, access_log=False):
     d = os.path.join(work, name)
     os.makedirs(d, exist_ok=True)
-    # The access log is off: distribution's is off too (log.accesslog.disabled), and berth's
-    # costs a write(2) per request (measured in bench/README.md).
+    # The access log is off, as distribution's (log.accesslog.disabled); the "berth-accesslog"
+    # instance has it on (berth's default) to show what it costs.
     conf = f"""listen: 127.0.0.1:{port}
 data_dir: {data_dir}
 threads: 2
 log_level: warn
 shutdown_grace: 1s
-access_log: false
+access_log: {"true" if access_log else "false"}
 storage:
   endpoint: {garage.endpoint}
   region: {REGION}
@@ -986,32 +986,42 @@ def bench(args, work, stamp):
 
     # ---- manifest GET again with wrk on a core of its own and the registry on the others, as when
     # clients are other machines: wrk takes ~0.7 core, and on shared cores it takes the more CPU
-    # from a registry the faster that registry answers
+    # from a registry the faster that registry answers. A second berth with its access log on
+    # (its default) shows what the log costs. Rounds interleaved.
     ncpu = os.cpu_count() or 1
     pinning = ncpu >= 2 and shutil.which("taskset")
     if pinning:
         ccpu, every = str(ncpu - 1), f"0-{ncpu - 1}"
         rest = "0" if ncpu == 2 else f"0-{ncpu - 2}"
         R["small_pinned"] = {"client_cpus": ccpu, "registry_cpus": rest}
-        for reg in (berth, dist_fs):
-            url = f"{reg.base}/v2/bench/small/manifests/latest"
-            headers = [f"Accept: {OCI_MANIFEST}"]
-            rows = []
-            try:
+        berth_log = berth_registry("berth-accesslog", berth_bin, work, garage, "berth", free_port(), "proxy",
+                                   os.path.join(work, "berth-accesslog", "data"), access_log=True)
+        berth_log.start()
+        skopeo_push(small_img, berth_log, "bench/small")
+        pinned = (berth, berth_log, dist_fs)
+        headers = [f"Accept: {OCI_MANIFEST}"]
+        rows = {reg.name: [] for reg in pinned}
+        try:
+            for reg in pinned:
                 run(["taskset", "-a", "-p", "-c", rest, str(reg.pid)])
                 if P["warmup_seconds"]:
-                    wrk(url, P["warmup_seconds"], headers, cpus=ccpu)
-                for _ in range(P["reps"]):
+                    wrk(f"{reg.base}/v2/bench/small/manifests/latest", P["warmup_seconds"], headers, cpus=ccpu)
+            for _ in range(P["reps"]):
+                for reg in pinned:
                     cpu0 = cpu_seconds(reg.pid)
-                    row = wrk(url, P["load_seconds"], headers, cpus=ccpu)
+                    row = wrk(f"{reg.base}/v2/bench/small/manifests/latest", P["load_seconds"], headers, cpus=ccpu)
                     row["cpu_us_per_req"] = (cpu_seconds(reg.pid) - cpu0) * 1e6 / max(1, row["requests"])
-                    rows.append(row)
-            finally:
+                    rows[reg.name].append(row)
+        finally:
+            for reg in pinned:
                 run(["taskset", "-a", "-p", "-c", every, str(reg.pid)], check=False)
-            R["small_pinned"][reg.name] = _agg(rows)
+            berth_log.stop()
+        for reg in pinned:
+            R["small_pinned"][reg.name] = _agg(rows[reg.name])
             s = R["small_pinned"][reg.name]
             log(f"manifest_get {reg.name}, wrk on CPU {ccpu}: {fmt(s['rps'])} req/s, "
-                f"p50 {fmt(s['p50_ms'], 2)} ms, p99 {fmt(s['p99_ms'], 2)} ms")
+                f"p50 {fmt(s['p50_ms'], 2)} ms, p99 {fmt(s['p99_ms'], 2)} ms, "
+                f"{fmt(s['cpu_us_per_req'], 1)} µs CPU/req")
 
     # ---- single-stream blob GET: 64 MiB and big, through each registry and direct from Garage.
     # Rounds are interleaved (every path once per round) so that drift in machine load hits
@@ -1197,6 +1207,10 @@ def targets_of(R):
         rp = med(pb["rps"]) / med(pd["rps"])
         add("manifest GET req/s >= 25x distribution (filesystem), wrk on a core of its own",
             med(pb["rps"]), "req/s", ">= 25x", rp >= 25, rp)
+    if pinned_small and "berth-accesslog" in pinned_small:
+        rl = med(pinned_small["berth-accesslog"]["rps"]) / med(pinned_small[b]["rps"])
+        add("(info) manifest GET req/s with berth's access log on (its default) vs off, wrk on a core of its own",
+            med(pinned_small["berth-accesslog"]["rps"]), "req/s", "(0.9x)", rl >= 0.9, rl, info=True)
     add(("(info) " if pinned_small else "") + "manifest GET req/s >= 25x distribution (filesystem)"
         + (", wrk sharing the registry's cores" if pinned_small else ""),
         med(sm[b]["manifest_get"]["rps"]), "req/s", ">= 25x", r >= 25, r, info=bool(pinned_small))
