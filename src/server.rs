@@ -101,13 +101,6 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
         // Without this pingora waits 5 min on SIGTERM even when idle.
         grace_period_seconds: Some(config.shutdown_grace.as_secs()),
         graceful_shutdown_timeout_seconds: Some(5),
-        // Proxied blob GETs to an https:// object store: this bundle instead of the system
-        // roots when set; certificates are verified either way.
-        ca_file: config
-            .storage
-            .ca_bundle
-            .as_ref()
-            .map(|p| p.display().to_string()),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

@@ -990,3 +990,103 @@ fn redirect_serving_big_blob() {
     let r = expect(r, 200, "HEAD blob", &berth);
     assert_eq!(header(&r, "content-length"), len.to_string());
 }
+
+// ---------------------------------------------------------------------------------------------
+// the object store failing under a proxied GET
+
+/// The object store goes away in the middle of a proxied blob GET: the client's transfer ends
+/// short of the announced length (never a "complete" response with missing bytes), a GET while
+/// it is away is a 503 with Retry-After, and once it is back GETs are whole again.
+#[test]
+fn object_store_cut_mid_get() {
+    let s3 = S3Server::start();
+    let target: std::net::SocketAddr = s3.endpoint.trim_start_matches("http://").parse().unwrap();
+    let fwd = common::forward::Forwarder::start(target);
+    let berth = Berth::start_with(
+        &s3.storage_yaml().replace(&s3.endpoint, &fwd.endpoint()),
+        None,
+    );
+    let c = client();
+    let repo = "cut/blob";
+    let len = 64 * MIB;
+    let data = random_bytes(0xc07, len);
+    let digest = sha256_digest(&data);
+    let r = c
+        .post(berth.url(&format!("/v2/{repo}/blobs/uploads/?digest={digest}")))
+        .body(data.clone())
+        .send()
+        .unwrap();
+    expect(r, 201, "monolithic upload", &berth);
+
+    // Read the header and 1 MiB, then stop reading: berth's read from the object store waits
+    // on the client, so most of the blob is still upstream when the object store goes away.
+    let mut s = TcpStream::connect(("127.0.0.1", berth.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET /v2/{repo}/blobs/{digest} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let header_end = loop {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed before the header");
+        got.extend_from_slice(&buf[..n]);
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&got[..header_end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        head.contains(&format!("content-length: {len}\r\n")),
+        "{head}"
+    );
+    while got.len() - header_end < MIB as usize {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed after {} bytes", got.len() - header_end);
+        got.extend_from_slice(&buf[..n]);
+    }
+    fwd.stop();
+    // The rest: the connection must end (EOF or reset), short of the length.
+    let received = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break got.len() - header_end,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                panic!("berth kept the connection open after the object store went away")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                panic!("berth kept the connection open after the object store went away")
+            }
+            Err(_) => break got.len() - header_end,
+        }
+    };
+    eprintln!("received {received} of {len} bytes before the connection ended");
+    assert!(
+        (received as u64) < len,
+        "all {len} bytes arrived although the object store was cut"
+    );
+    let body = &got[header_end..];
+    assert!(
+        body == &data[..body.len()],
+        "the bytes sent before the cut differ"
+    );
+
+    // While it is away: 503, retry later.
+    let r = c
+        .get(berth.url(&format!("/v2/{repo}/blobs/{digest}")))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 503, "{}", berth.log());
+    assert!(r.headers().contains_key("retry-after"));
+    assert!(r.text().unwrap().contains("\"errors\""));
+
+    // Back: whole again.
+    fwd.resume();
+    assert!(
+        get_bytes(&c, &berth, repo, &digest) == data,
+        "blob differs after the cut"
+    );
+}

@@ -3,6 +3,7 @@
 use bytes::{Bytes, BytesMut};
 use pingora_proxy::Session;
 
+use super::blob_proxy::stream_blob;
 use super::endpoint::{Endpoint, Mount, Page, MAX_PAGE};
 use super::response::{header, range_value, send, send_empty, set, JSON};
 use crate::auth::limits::{BlobLimit, LimitedBody};
@@ -16,11 +17,6 @@ use crate::registry::{BlobGet, BodySource, Registry, RegistryError, RegistryResu
 pub enum Outcome {
     /// The response is written.
     Done,
-    /// Proxy the request to the object store at this presigned path.
-    Proxy {
-        path_and_query: String,
-        digest: Digest,
-    },
 }
 
 const BANNER: &str = concat!("berth registry server ", env!("CARGO_PKG_VERSION"), "\n");
@@ -125,12 +121,9 @@ pub async fn handle(
             digest,
             head: false,
         } => match reg.get_blob(&name, &digest).await? {
-            BlobGet::Proxy { path_and_query, .. } => {
+            BlobGet::Proxy { record } => {
                 BLOBS.get_proxy.inc();
-                Ok(Outcome::Proxy {
-                    path_and_query,
-                    digest,
-                })
+                stream_blob(s, &reg.store, &record, &digest).await
             }
             BlobGet::Redirect { url, .. } => {
                 BLOBS.get_redirect.inc();

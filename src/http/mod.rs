@@ -2,13 +2,14 @@
 //!
 //! - [`endpoint`]: method + path + query parsed once into a typed [`endpoint::Endpoint`].
 //! - [`handlers`]: one handler per endpoint, calling into [`crate::registry`].
+//! - [`blob_proxy`]: blob GETs in proxy mode, streamed from the object store.
 //! - [`response`]: response headers every answer carries, and the OCI error body.
 //! - [`access_log`]: one line per request, text or JSON.
 //! - [`ops`]: the operations listener: `/metrics`, `/healthz`, `/readyz`.
-//! - [`service`]: the pingora `ProxyHttp` implementation that ties them together and proxies
-//!   blob GETs to the object store.
+//! - [`service`]: the pingora `ProxyHttp` implementation that ties them together.
 
 pub mod access_log;
+pub mod blob_proxy;
 pub mod endpoint;
 pub mod handlers;
 pub mod ops;

@@ -1,38 +1,29 @@
 //! The pingora service. Every request is parsed into an [`Endpoint`] in `request_filter` and
-//! answered there, except blob GETs in proxy mode: those go upstream to a presigned object-store
-//! URL, and pingora streams the bytes through.
+//! answered there, blob GETs in proxy mode included (see [`super::blob_proxy`]): berth never
+//! hands a request to pingora's upstream proxying.
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
-use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use pingora_http::RequestHeader;
+use pingora_proxy::{ProxyHttp, Session};
 
 use super::access_log::{AccessLog, Entry};
 use super::endpoint::{Endpoint, ROUTES, UNMATCHED_ROUTE};
 use super::handlers::{handle, Outcome};
-use super::response::{send_error, set, API_VERSION, API_VERSION_HEADER, JSON, RETRY_AFTER_SECS};
+use super::response::send_error;
 use crate::auth::Guard;
-use crate::metrics::{StoreOp, BLOBS, HTTP, STORE};
-use crate::registry::names::Digest;
+use crate::metrics::HTTP;
 use crate::registry::{Registry, RegistryError};
-use crate::storage::Upstream;
-
-/// How long a resolved object-store address is reused before resolving again.
-const RESOLVE_TTL: Duration = Duration::from_secs(30);
 
 pub struct BerthService {
     registry: Arc<Registry>,
     /// Authentication, access and limits, checked before every handler.
     guard: Arc<Guard>,
     access_log: AccessLog,
-    upstream: Upstream,
-    resolved: Mutex<Option<(Instant, SocketAddr)>>,
 }
 
 /// Per-request state.
@@ -41,30 +32,16 @@ pub struct RequestCtx {
     /// Index into [`ROUTES`].
     route_index: usize,
     route: &'static str,
-    /// Set for a proxied blob GET.
-    proxy: Option<ProxyTarget>,
     /// The authenticated user, for the access log.
     pub user: Option<String>,
-    /// Replaces the upstream body when the object store answered with an error.
-    error_body: Option<Bytes>,
-}
-
-struct ProxyTarget {
-    path_and_query: String,
-    digest: Digest,
-    /// When the upstream request went out (GetObject is timed to its response header).
-    sent: Option<Instant>,
 }
 
 impl BerthService {
     pub fn new(registry: Arc<Registry>) -> Self {
-        let upstream = registry.store.upstream().clone();
         BerthService {
             registry,
             guard: Arc::new(Guard::open()),
             access_log: AccessLog::new(None),
-            upstream,
-            resolved: Mutex::new(None),
         }
     }
 
@@ -79,29 +56,6 @@ impl BerthService {
         self.guard = guard;
         self
     }
-
-    async fn upstream_addr(&self) -> Result<SocketAddr> {
-        if let Ok(ip) = self.upstream.host.parse::<std::net::IpAddr>() {
-            return Ok(SocketAddr::new(ip, self.upstream.port));
-        }
-        if let Some((at, addr)) = *self.resolved.lock().expect("resolved") {
-            if at.elapsed() < RESOLVE_TTL {
-                return Ok(addr);
-            }
-        }
-        let addr = tokio::net::lookup_host((self.upstream.host.as_str(), self.upstream.port))
-            .await
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| {
-                Error::explain(
-                    ErrorType::ConnectNoRoute,
-                    format!("cannot resolve {}", self.upstream.host),
-                )
-            })?;
-        *self.resolved.lock().expect("resolved") = Some((Instant::now(), addr));
-        Ok(addr)
-    }
 }
 
 #[async_trait]
@@ -113,9 +67,7 @@ impl ProxyHttp for BerthService {
             start: Instant::now(),
             route_index: UNMATCHED_ROUTE,
             route: ROUTES[UNMATCHED_ROUTE],
-            proxy: None,
             user: None,
-            error_body: None,
         }
     }
 
@@ -148,17 +100,6 @@ impl ProxyHttp for BerthService {
         };
         match result {
             Ok(Outcome::Done) => Ok(true),
-            Ok(Outcome::Proxy {
-                path_and_query,
-                digest,
-            }) => {
-                ctx.proxy = Some(ProxyTarget {
-                    path_and_query,
-                    digest,
-                    sent: None,
-                });
-                Ok(false)
-            }
             Err(err) => {
                 match &err {
                     RegistryError::Internal(cause) => log::error!("{}: {cause}", ctx.route),
@@ -175,160 +116,13 @@ impl ProxyHttp for BerthService {
         }
     }
 
+    /// Never called: `request_filter` answers every request.
     async fn upstream_peer(
         &self,
         _s: &mut Session,
         _ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let addr = self.upstream_addr().await?;
-        let sni = if self.upstream.tls {
-            self.upstream.host.clone()
-        } else {
-            String::new()
-        };
-        Ok(Box::new(HttpPeer::new(addr, self.upstream.tls, sni)))
-    }
-
-    async fn upstream_request_filter(
-        &self,
-        _session: &mut Session,
-        upstream: &mut RequestHeader,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        let target = ctx
-            .proxy
-            .as_mut()
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no proxy target"))?;
-        target.sent = Some(Instant::now());
-        let uri: http::Uri = target
-            .path_and_query
-            .parse()
-            .map_err(|e| Error::because(ErrorType::InternalError, "presigned path", e))?;
-        upstream.set_uri(uri);
-        upstream.set_method(http::Method::GET);
-        // The signature covers the host; the object store must not see the client's
-        // credentials (S3 rejects two authentication mechanisms).
-        upstream.insert_header("Host", self.upstream.host_header.as_str())?;
-        upstream.remove_header("Authorization");
-        upstream.remove_header("Cookie");
-        Ok(())
-    }
-
-    async fn upstream_response_filter(
-        &self,
-        _session: &mut Session,
-        resp: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        let status = resp.status.as_u16();
-        if let Some(sent) = ctx.proxy.as_ref().and_then(|t| t.sent) {
-            STORE.observe(StoreOp::GetObject, status < 400, sent.elapsed());
-        }
-        let error = match status {
-            200 | 206 => None,
-            304 => None,
-            416 => Some(RegistryError::RangeNotSatisfiable),
-            404 => {
-                log::error!("blob indexed but missing from the object store (HTTP 404)");
-                Some(RegistryError::BlobUnknown)
-            }
-            500..=599 => Some(RegistryError::Unavailable(format!(
-                "object store HTTP {status}"
-            ))),
-            _ => {
-                log::error!("object store answered a blob GET with HTTP {status}");
-                Some(RegistryError::Internal(format!(
-                    "object store HTTP {status}"
-                )))
-            }
-        };
-        // Keep only what a registry client needs; S3's own headers stay behind.
-        let keep = [
-            "content-length",
-            "content-range",
-            "accept-ranges",
-            "last-modified",
-        ];
-        let drop: Vec<http::HeaderName> = resp
-            .headers
-            .keys()
-            .filter(|k| !keep.contains(&k.as_str()))
-            .cloned()
-            .collect();
-        for name in drop {
-            resp.remove_header(&name);
-        }
-        resp.insert_header(API_VERSION_HEADER, API_VERSION)?;
-        if let Some(err) = error {
-            let body = Bytes::from(err.body());
-            resp.set_status(err.status())?;
-            resp.remove_header("Content-Range");
-            resp.insert_header("Content-Type", JSON)?;
-            resp.insert_header("Content-Length", body.len().to_string())?;
-            if matches!(err, RegistryError::Unavailable(_)) {
-                resp.insert_header("Retry-After", RETRY_AFTER_SECS)?;
-            }
-            ctx.error_body = Some(body);
-            return Ok(());
-        }
-        if let Some(target) = &ctx.proxy {
-            set(resp, "Docker-Content-Digest", target.digest.as_str());
-            set(resp, "ETag", format!("\"{}\"", target.digest));
-        }
-        resp.insert_header("Content-Type", "application/octet-stream")?;
-        Ok(())
-    }
-
-    fn upstream_response_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut RequestCtx,
-    ) -> Result<Option<Duration>> {
-        if ctx.error_body.is_some() {
-            *body = if end_of_stream {
-                ctx.error_body.take()
-            } else {
-                None
-            };
-        } else if let Some(b) = body {
-            BLOBS.bytes_sent.inc_by(b.len() as u64);
-        }
-        Ok(None)
-    }
-
-    async fn fail_to_proxy(
-        &self,
-        session: &mut Session,
-        e: &Error,
-        ctx: &mut RequestCtx,
-    ) -> FailToProxy
-    where
-        RequestCtx: Send + Sync,
-    {
-        let already_answered = session.response_written().is_some();
-        if let Some(sent) = ctx.proxy.as_ref().and_then(|t| t.sent) {
-            if !already_answered {
-                STORE.observe(StoreOp::GetObject, false, sent.elapsed());
-            }
-        }
-        let error_code = if already_answered {
-            0
-        } else {
-            log::warn!("{}: object store: {e}", ctx.route);
-            let err = RegistryError::Unavailable(e.to_string());
-            let head = session.req_header().method == http::Method::HEAD;
-            if send_error(session, &err, head).await.is_err() {
-                0
-            } else {
-                err.status().as_u16()
-            }
-        };
-        FailToProxy {
-            error_code,
-            can_reuse_downstream: false,
-        }
+        Error::e_explain(ErrorType::InternalError, "berth has no upstream peer")
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {

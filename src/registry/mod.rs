@@ -62,11 +62,8 @@ pub struct Registry {
 
 /// How to serve a blob GET.
 pub enum BlobGet {
-    /// Proxy to the object store: upstream request path+query (presigned).
-    Proxy {
-        record: BlobRecord,
-        path_and_query: String,
-    },
+    /// Stream the object's bytes through berth.
+    Proxy { record: BlobRecord },
     /// 307 to this presigned URL.
     Redirect { record: BlobRecord, url: String },
 }
@@ -95,18 +92,15 @@ impl Registry {
 
     pub async fn get_blob(&self, repo: &str, digest: &Digest) -> RegistryResult<BlobGet> {
         let record = self.stat_blob(repo, digest).await?;
-        let signed = self
-            .store
-            .presign(&http::Method::GET, &record.key, self.settings.presign_ttl);
         Ok(match self.settings.blob_serving {
-            BlobServing::Proxy => BlobGet::Proxy {
-                record,
-                path_and_query: signed.path_and_query,
-            },
-            BlobServing::Redirect => BlobGet::Redirect {
-                record,
-                url: signed.url,
-            },
+            BlobServing::Proxy => BlobGet::Proxy { record },
+            BlobServing::Redirect => {
+                let url = self
+                    .store
+                    .presign(&http::Method::GET, &record.key, self.settings.presign_ttl)
+                    .url;
+                BlobGet::Redirect { record, url }
+            }
         })
     }
 

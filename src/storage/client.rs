@@ -154,6 +154,26 @@ impl Sender {
         }
     }
 
+    /// A GET of `key` whose body is left unread, for streaming. Sent once: the transfer is
+    /// the client's, and the client retries it. The status is the caller's to interpret.
+    pub async fn get_unread(
+        &self,
+        key: &str,
+        range: Option<&http::HeaderValue>,
+    ) -> Result<reqwest::Response, StorageError> {
+        let presigned = self
+            .signer
+            .presign(&Method::GET, Some(key), &[], REQUEST_TTL);
+        let mut req = self.http.get(presigned.url);
+        if let Some(range) = range {
+            req = req.header(http::header::RANGE, range);
+        }
+        req.send().await.map_err(|e| match self.transport_error(e) {
+            Attempt::Done(_) => unreachable!("transport_error never answers Done"),
+            Attempt::Transient(e) | Attempt::Fatal(e) => e,
+        })
+    }
+
     async fn attempt(
         &self,
         method: &Method,
@@ -288,7 +308,7 @@ pub fn map_error(status: StatusCode, code: String, message: String, bucket: &str
 
 /// The reqwest error and its sources, for a log line. The URL is left out: it is presigned,
 /// and its query string is a credential until it expires.
-fn error_chain(e: &reqwest::Error) -> String {
+pub(crate) fn error_chain(e: &reqwest::Error) -> String {
     let mut s = match e.url() {
         Some(url) => e.to_string().replace(url.as_str(), url.path()),
         None => e.to_string(),

@@ -1,7 +1,8 @@
 //! The object-store client: blob bytes live only in an S3-compatible bucket.
 //!
 //! Every request is signed with SigV4 as a presigned URL (`UNSIGNED-PAYLOAD`), so one signing
-//! path serves the client's own calls, the upstream of proxied blob GETs and 307 redirects.
+//! path serves berth's own calls, proxied blob GETs ([`ObjectStore::get_stream`]) and 307
+//! redirects.
 //! Requests go through one pooled `reqwest::Client` (client.rs); presigning is in sigv4.rs; the
 //! embedded S3 endpoint (s3s-fs) in embedded.rs.
 //!
@@ -62,23 +63,39 @@ pub enum ObjectBody {
 pub struct Presigned {
     /// Absolute URL (for 307 redirects).
     pub url: String,
-    /// Path and query only, starting with '/' (for a proxied upstream request).
+    /// Path and query only, starting with '/'.
     pub path_and_query: String,
 }
 
-/// Where the object store listens, for pingora's upstream peer.
-#[derive(Debug, Clone)]
-pub struct Upstream {
-    pub host: String,
-    pub port: u16,
-    pub tls: bool,
-    /// Value for the Host header the signature covers: `host` or `host:port`.
-    pub host_header: String,
+/// An object being read: see [`ObjectStore::get_stream`].
+pub struct ObjectStream {
+    response: reqwest::Response,
+}
+
+impl ObjectStream {
+    pub fn status(&self) -> u16 {
+        self.response.status().as_u16()
+    }
+
+    pub fn headers(&self) -> &http::HeaderMap {
+        self.response.headers()
+    }
+
+    /// The next chunk of the body; None at its end.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, StorageError> {
+        self.response
+            .chunk()
+            .await
+            .map_err(|e| StorageError::Failed {
+                status: 0,
+                code: "ReadError".into(),
+                message: client::error_chain(&e),
+            })
+    }
 }
 
 pub struct ObjectStore {
     sender: Sender,
-    upstream: Upstream,
     prefix: String,
 }
 
@@ -213,12 +230,6 @@ impl ObjectStore {
                 bucket: cfg.bucket.clone(),
                 retry,
             },
-            upstream: Upstream {
-                host,
-                port: ep.port,
-                tls: ep.tls,
-                host_header,
-            },
             prefix: cfg.prefix.clone(),
         })
     }
@@ -252,8 +263,7 @@ impl ObjectStore {
         k
     }
 
-    /// Presigned URL for `method` on `key` (no request is made). For a proxied GET, send
-    /// `path_and_query` to [`ObjectStore::upstream`] with `Host: upstream().host_header`.
+    /// Presigned URL for `method` on `key` (no request is made).
     pub fn presign(&self, method: &http::Method, key: &str, ttl: Duration) -> Presigned {
         self.sender.signer.presign(method, Some(key), &[], ttl)
     }
@@ -270,8 +280,20 @@ impl ObjectStore {
         self.sender.signer.presign(method, Some(key), query, ttl)
     }
 
-    pub fn upstream(&self) -> &Upstream {
-        &self.upstream
+    /// Opens `key` (or the `range` of it) for streaming to a client. The object store's
+    /// status and headers come back as they are; the body is read chunk by chunk, each chunk
+    /// in the buffer the HTTP client read it into (no copy).
+    pub async fn get_stream(
+        &self,
+        key: &str,
+        range: Option<&http::HeaderValue>,
+    ) -> Result<ObjectStream, StorageError> {
+        let start = std::time::Instant::now();
+        let result = self.sender.get_unread(key, range).await;
+        // Timed to the response header, like the other operations; an error status counts.
+        let ok = matches!(&result, Ok(r) if r.status().as_u16() < 400);
+        STORE.observe(StoreOp::GetObject, ok, start.elapsed());
+        Ok(ObjectStream { response: result? })
     }
 
     pub fn bucket(&self) -> &str {

@@ -1,0 +1,107 @@
+//! Blob GETs in proxy mode: the object store's response streamed to the client as it arrives.
+//!
+//! berth reads the object with its own S3 client (presigned GET, the client's `Range` passed
+//! on) and writes each chunk to the client through pingora's session. The chunks are the HTTP
+//! client's own read buffers, handed over as `Bytes`: no copy in user space, and reads as
+//! large as the socket has data for. (pingora's upstream proxy path reads 64 KiB at a time
+//! and copies every chunk twice.) Nothing is buffered beyond the chunk in hand: a slow client
+//! slows the read from the object store.
+
+use std::time::Duration;
+
+use pingora_proxy::Session;
+
+use super::handlers::Outcome;
+use super::response::{header, set};
+use crate::meta::BlobRecord;
+use crate::metrics::BLOBS;
+use crate::registry::names::Digest;
+use crate::registry::{RegistryError, RegistryResult};
+use crate::storage::ObjectStore;
+
+/// Longest wait for the next chunk from the object store before the transfer is abandoned.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Headers of the object store's answer a registry client needs; S3's own stay behind.
+static KEPT: [http::HeaderName; 4] = [
+    http::header::CONTENT_LENGTH,
+    http::header::CONTENT_RANGE,
+    http::header::ACCEPT_RANGES,
+    http::header::LAST_MODIFIED,
+];
+
+pub async fn stream_blob(
+    s: &mut Session,
+    store: &ObjectStore,
+    record: &BlobRecord,
+    digest: &Digest,
+) -> RegistryResult<Outcome> {
+    let range = s.req_header().headers.get(http::header::RANGE).cloned();
+    let mut object = store
+        .get_stream(&record.key, range.as_ref())
+        .await
+        // Whatever broke the request (refused, reset, timed out), the client may retry.
+        .map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+    let status = object.status();
+    match status {
+        200 | 206 => {}
+        416 => return Err(RegistryError::RangeNotSatisfiable),
+        404 => {
+            log::error!("blob {digest} indexed but missing from the object store (HTTP 404)");
+            return Err(RegistryError::BlobUnknown);
+        }
+        500..=599 => {
+            return Err(RegistryError::Unavailable(format!(
+                "object store HTTP {status}"
+            )))
+        }
+        _ => {
+            return Err(RegistryError::Internal(format!(
+                "object store answered a blob GET with HTTP {status}"
+            )))
+        }
+    }
+
+    let mut h = header(status);
+    for name in &KEPT {
+        if let Some(v) = object.headers().get(name) {
+            set(&mut h, name.as_str(), v.to_str().unwrap_or_default());
+        }
+    }
+    set(&mut h, "Content-Type", "application/octet-stream");
+    set(&mut h, "Docker-Content-Digest", digest.as_str());
+    set(&mut h, "ETag", format!("\"{digest}\""));
+    if let Err(e) = s.write_response_header(Box::new(h), false).await {
+        log::debug!("blob GET: client gone before the header: {e}");
+        return Ok(Outcome::Done);
+    }
+
+    loop {
+        let chunk = match tokio::time::timeout(READ_TIMEOUT, object.chunk()).await {
+            Ok(Ok(Some(chunk))) => chunk,
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => return Ok(abandon(s, digest, &e.to_string())),
+            Err(_) => return Ok(abandon(s, digest, "no data from the object store for 60 s")),
+        };
+        let len = chunk.len() as u64;
+        if let Err(e) = s.write_response_body(Some(chunk), false).await {
+            // The client went away; dropping `object` closes the upstream connection.
+            log::debug!("blob GET: client gone: {e}");
+            s.set_keepalive(None);
+            return Ok(Outcome::Done);
+        }
+        BLOBS.bytes_sent.inc_by(len);
+    }
+    if let Err(e) = s.write_response_body(None, true).await {
+        log::debug!("blob GET: finishing the response: {e}");
+    }
+    Ok(Outcome::Done)
+}
+
+/// The object store failed after the header went out: the only honest signal left is to close
+/// the connection short of the announced length, so the client sees a truncated transfer.
+fn abandon(s: &mut Session, digest: &Digest, cause: &str) -> Outcome {
+    log::warn!("blob GET {digest}: object store failed mid-transfer: {cause}");
+    s.set_keepalive(None);
+    Outcome::Done
+}
