@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use pingora_proxy::Session;
 
-use super::handlers::Outcome;
 use super::response::{header, set};
 use crate::meta::BlobRecord;
 use crate::metrics::BLOBS;
@@ -35,7 +34,7 @@ pub async fn stream_blob(
     store: &ObjectStore,
     record: &BlobRecord,
     digest: &Digest,
-) -> RegistryResult<Outcome> {
+) -> RegistryResult<()> {
     let range = s.req_header().headers.get(http::header::RANGE).cloned();
     let mut object = store
         .get_stream(&record.key, range.as_ref())
@@ -73,35 +72,40 @@ pub async fn stream_blob(
     set(&mut h, "ETag", format!("\"{digest}\""));
     if let Err(e) = s.write_response_header(Box::new(h), false).await {
         log::debug!("blob GET: client gone before the header: {e}");
-        return Ok(Outcome::Done);
+        return Ok(());
     }
 
     loop {
         let chunk = match tokio::time::timeout(READ_TIMEOUT, object.chunk()).await {
             Ok(Ok(Some(chunk))) => chunk,
             Ok(Ok(None)) => break,
-            Ok(Err(e)) => return Ok(abandon(s, digest, &e.to_string())),
-            Err(_) => return Ok(abandon(s, digest, "no data from the object store for 60 s")),
+            Ok(Err(e)) => {
+                abandon(s, digest, &e.to_string());
+                return Ok(());
+            }
+            Err(_) => {
+                abandon(s, digest, "no data from the object store for 60 s");
+                return Ok(());
+            }
         };
         let len = chunk.len() as u64;
         if let Err(e) = s.write_response_body(Some(chunk), false).await {
             // The client went away; dropping `object` closes the upstream connection.
             log::debug!("blob GET: client gone: {e}");
             s.set_keepalive(None);
-            return Ok(Outcome::Done);
+            return Ok(());
         }
         BLOBS.bytes_sent.inc_by(len);
     }
     if let Err(e) = s.write_response_body(None, true).await {
         log::debug!("blob GET: finishing the response: {e}");
     }
-    Ok(Outcome::Done)
+    Ok(())
 }
 
 /// The object store failed after the header went out: the only honest signal left is to close
 /// the connection short of the announced length, so the client sees a truncated transfer.
-fn abandon(s: &mut Session, digest: &Digest, cause: &str) -> Outcome {
+fn abandon(s: &mut Session, digest: &Digest, cause: &str) {
     log::warn!("blob GET {digest}: object store failed mid-transfer: {cause}");
     s.set_keepalive(None);
-    Outcome::Done
 }

@@ -13,21 +13,17 @@ use crate::registry::manifest::{MAX_MANIFEST_BYTES, OCI_INDEX};
 use crate::registry::names::Digest;
 use crate::registry::{BlobGet, BodySource, Registry, RegistryError, RegistryResult};
 
-/// What the HTTP service does after a handler ran.
-pub enum Outcome {
-    /// The response is written.
-    Done,
-}
-
 const BANNER: &str = concat!("berth registry server ", env!("CARGO_PKG_VERSION"), "\n");
 
-/// `blob`: `limits.max_blob_size`, applied to every request that adds bytes to a blob.
+/// Answers `ep`. Ok: the response is written (or the client went away). Err: nothing is
+/// written yet, and the service answers with the error. `blob`: `limits.max_blob_size`,
+/// applied to every request that adds bytes to a blob.
 pub async fn handle(
     reg: &Registry,
     s: &mut Session,
     ep: Endpoint,
     blob: BlobLimit,
-) -> RegistryResult<Outcome> {
+) -> RegistryResult<()> {
     match ep {
         Endpoint::Banner => {
             let mut h = header(200);
@@ -205,7 +201,7 @@ async fn start_upload(
     digest: Option<Digest>,
     mount: Option<Mount>,
     blob: BlobLimit,
-) -> RegistryResult<Outcome> {
+) -> RegistryResult<()> {
     if let Some(Mount { digest, from }) = mount {
         // Without `from` (or when the source lacks it), fall back to a new session.
         if let Some(from) = from {
@@ -247,11 +243,11 @@ fn upload_header(status: u16, session: &UploadSession) -> pingora_http::Response
 }
 
 /// A write error means the client is gone: nothing more to answer.
-fn reply(r: pingora_error::Result<()>) -> RegistryResult<Outcome> {
+fn reply(r: pingora_error::Result<()>) -> RegistryResult<()> {
     if let Err(e) = r {
         log::debug!("writing response: {e}");
     }
-    Ok(Outcome::Done)
+    Ok(())
 }
 
 /// Page size to return and how many entries to fetch (one more, to know if there is a next).

@@ -13,7 +13,7 @@ use pingora_proxy::{ProxyHttp, Session};
 
 use super::access_log::{AccessLog, Entry};
 use super::endpoint::{Endpoint, ROUTES, UNMATCHED_ROUTE};
-use super::handlers::{handle, Outcome};
+use super::handlers::handle;
 use super::response::send_error;
 use crate::auth::Guard;
 use crate::metrics::HTTP;
@@ -99,7 +99,7 @@ impl ProxyHttp for BerthService {
             Err(err) => Err(err),
         };
         match result {
-            Ok(Outcome::Done) => Ok(true),
+            Ok(()) => Ok(true),
             Err(err) => {
                 match &err {
                     RegistryError::Internal(cause) => log::error!("{}: {cause}", ctx.route),
