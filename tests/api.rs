@@ -75,24 +75,10 @@ impl Reg {
         self.c.delete(self.url(path)).send().unwrap()
     }
 
-    /// Monolithic upload (`POST ?digest=` with the body); asserts 201. Returns the digest.
+    /// Monolithic upload (`POST ?digest=` with the body); asserts 201, returns the digest.
     #[track_caller]
     fn push_blob(&self, repo: &str, bytes: &[u8]) -> String {
-        let digest = sha256_digest(bytes);
-        let r = self
-            .c
-            .post(self.url(&format!("/v2/{repo}/blobs/uploads/?digest={digest}")))
-            .header("Content-Type", "application/octet-stream")
-            .body(bytes.to_vec())
-            .send()
-            .unwrap();
-        assert_eq!(
-            r.status(),
-            201,
-            "push blob to {repo}: {}",
-            r.text().unwrap()
-        );
-        digest
+        self.berth.push_blob(&self.c, repo, bytes)
     }
 
     /// `POST .../blobs/uploads/`; asserts 202 and returns the session's Location.
@@ -137,6 +123,34 @@ impl Reg {
         assert_api_version(&r);
         assert_eq!(hdr(&r, "range"), format!("0-{end}"));
         hdr(&r, "location")
+    }
+
+    /// `PUT <loc>?digest=` closing an upload session, with `last` (if not empty) as its body.
+    fn finish_upload(&self, loc: &str, digest: &str, last: &[u8]) -> Response {
+        let put = self
+            .c
+            .put(self.url(&with_query(loc, &format!("digest={digest}"))));
+        if last.is_empty() {
+            put
+        } else {
+            put.body(last.to_vec())
+        }
+        .send()
+        .unwrap()
+    }
+
+    /// GETs a blob; asserts 200 and that its bytes are `want`.
+    #[track_caller]
+    fn assert_blob(&self, repo: &str, digest: &str, want: &[u8]) {
+        let r = self.get(&format!("/v2/{repo}/blobs/{digest}"));
+        assert_eq!(r.status(), 200, "GET {repo}@{digest}");
+        let got = r.bytes().unwrap();
+        assert!(
+            got.as_ref() == want,
+            "GET {repo}@{digest}: {} bytes that differ from the {} pushed",
+            got.len(),
+            want.len()
+        );
     }
 
     fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> Response {
@@ -562,11 +576,7 @@ fn chunked_patch_then_put_without_body() {
     assert_eq!(hdr(&r, "content-length"), "0");
     let loc = hdr(&r, "location");
 
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={digest}"))))
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, &digest, &[]);
     assert_eq!(r.status(), 201, "{}", r.text().unwrap());
     assert_eq!(
         hdr(&r, "location"),
@@ -605,22 +615,14 @@ fn chunked_upload_many_small_patches() {
         assert_eq!(hdr(&r, "range"), format!("0-{end}"), "after PATCH {i}");
         assert_eq!(hdr(&r, "docker-upload-uuid"), uuid);
     }
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={digest}"))))
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, &digest, &[]);
     assert_eq!(r.status(), 201, "{}", r.text().unwrap());
     assert_eq!(hdr(&r, "docker-content-digest"), digest);
 
     let r = reg.head(&format!("/v2/many/patches/blobs/{digest}"));
     assert_eq!(r.status(), 200);
     assert_eq!(hdr(&r, "content-length"), data.len().to_string());
-    let got = reg
-        .get(&format!("/v2/many/patches/blobs/{digest}"))
-        .bytes()
-        .unwrap();
-    assert!(got.as_ref() == &data[..], "bytes differ");
+    reg.assert_blob("many/patches", &digest, &data);
 }
 
 /// PATCHes of mixed sizes that start and end on and off the 8 MiB part boundaries (whole
@@ -640,19 +642,11 @@ fn chunked_upload_mixed_sizes_across_part_boundaries() {
         at += n;
         assert_eq!(hdr(&reg.get(&loc), "range"), format!("0-{}", at - 1));
     }
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={digest}"))))
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, &digest, &[]);
     assert_eq!(r.status(), 201, "{}", r.text().unwrap());
     let r = reg.head(&format!("/v2/mixed/sizes/blobs/{digest}"));
     assert_eq!(hdr(&r, "content-length"), total.to_string());
-    let got = reg
-        .get(&format!("/v2/mixed/sizes/blobs/{digest}"))
-        .bytes()
-        .unwrap();
-    assert!(got.as_ref() == &data[..], "bytes differ");
+    reg.assert_blob("mixed/sizes", &digest, &data);
     // A range deep inside, across a part boundary.
     let r = reg
         .c
@@ -686,31 +680,16 @@ fn put_with_final_chunk_in_body() {
         .unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().unwrap());
     assert_eq!(hdr(&r, "docker-content-digest"), digest);
-    assert_eq!(
-        reg.get(&format!("/v2/final/chunk/blobs/{digest}"))
-            .bytes()
-            .unwrap()
-            .as_ref(),
-        &data[..]
-    );
+    reg.assert_blob("final/chunk", &digest, &data);
 
     // Larger: a part already uploaded, the final body completes the next one.
     let data = pseudo_bytes(42, 12 * MIB);
     let digest = sha256_digest(&data);
     let loc = reg.start_upload("final/chunk");
     let loc = reg.patch(&loc, 0, &data[..9 * MIB]);
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={digest}"))))
-        .body(data[9 * MIB..].to_vec())
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, &digest, &data[9 * MIB..]);
     assert_eq!(r.status(), 201, "{}", r.text().unwrap());
-    let got = reg
-        .get(&format!("/v2/final/chunk/blobs/{digest}"))
-        .bytes()
-        .unwrap();
-    assert!(got.as_ref() == &data[..], "bytes differ");
+    reg.assert_blob("final/chunk", &digest, &data);
 }
 
 /// POST then PUT with the whole blob in the body (nothing PATCHed).
@@ -720,21 +699,10 @@ fn post_then_put_whole_blob() {
     let data = pseudo_bytes(51, 70_000);
     let digest = sha256_digest(&data);
     let loc = reg.start_upload("two/step");
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={digest}"))))
-        .body(data.clone())
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, &digest, &data);
     assert_eq!(r.status(), 201, "{}", r.text().unwrap());
     assert_eq!(hdr(&r, "location"), format!("/v2/two/step/blobs/{digest}"));
-    assert_eq!(
-        reg.get(&format!("/v2/two/step/blobs/{digest}"))
-            .bytes()
-            .unwrap()
-            .as_ref(),
-        &data[..]
-    );
+    reg.assert_blob("two/step", &digest, &data);
     expect_error(reg.get(&loc), 404, "BLOB_UPLOAD_UNKNOWN");
 }
 
@@ -792,19 +760,9 @@ fn out_of_order_patch_is_416() {
     // Nothing of the refused chunks landed.
     assert_eq!(hdr(&reg.get(&loc), "range"), "0-99");
     let loc = reg.patch(&loc, 100, &data[100..]);
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={digest}"))))
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, &digest, &[]);
     assert_eq!(r.status(), 201);
-    assert_eq!(
-        reg.get(&format!("/v2/order/repo/blobs/{digest}"))
-            .bytes()
-            .unwrap()
-            .as_ref(),
-        &data[..]
-    );
+    reg.assert_blob("order/repo", &digest, &data);
 
     // A malformed Content-Range is a 400, not a 416.
     let loc = reg.start_upload("order/repo");
@@ -869,12 +827,7 @@ fn digest_mismatch_stores_nothing_and_ends_the_session() {
 
     // POST, then PUT with the whole body.
     let loc = reg.start_upload(repo);
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={claimed}"))))
-        .body(data.clone())
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, &claimed, &data);
     expect_error(r, 400, "DIGEST_INVALID");
     expect_error(reg.get(&loc), 404, "BLOB_UPLOAD_UNKNOWN");
     check_nothing_served(&data, &claimed);
@@ -882,11 +835,7 @@ fn digest_mismatch_stores_nothing_and_ends_the_session() {
     // PATCH (pending bytes only), PUT without body.
     let loc = reg.start_upload(repo);
     let loc = reg.patch(&loc, 0, &data);
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={claimed}"))))
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, &claimed, &[]);
     expect_error(r, 400, "DIGEST_INVALID");
     expect_error(reg.get(&loc), 404, "BLOB_UPLOAD_UNKNOWN");
     expect_error(
@@ -904,12 +853,7 @@ fn digest_mismatch_stores_nothing_and_ends_the_session() {
     let big = pseudo_bytes(72, 9 * MIB);
     let loc = reg.start_upload(repo);
     let loc = reg.patch(&loc, 0, &big[..8 * MIB + 5]);
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={claimed}"))))
-        .body(big[8 * MIB + 5..].to_vec())
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, &claimed, &big[8 * MIB + 5..]);
     expect_error(r, 400, "DIGEST_INVALID");
     expect_error(reg.get(&loc), 404, "BLOB_UPLOAD_UNKNOWN");
     check_nothing_served(&big, &claimed);
@@ -919,12 +863,7 @@ fn digest_mismatch_stores_nothing_and_ends_the_session() {
     let stored = pseudo_bytes(73, 4000);
     let stored_digest = reg.push_blob("other/repo", &stored);
     let loc = reg.start_upload(repo);
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={stored_digest}"))))
-        .body(data.clone())
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, &stored_digest, &data);
     expect_error(r, 400, "DIGEST_INVALID");
     expect_error(reg.get(&loc), 404, "BLOB_UPLOAD_UNKNOWN");
     check_nothing_served(&data, &stored_digest);
@@ -937,13 +876,7 @@ fn digest_mismatch_stores_nothing_and_ends_the_session() {
     expect_error(r, 400, "DIGEST_INVALID");
     check_nothing_served(&data, &stored_digest);
     // The stored blob itself is untouched.
-    assert_eq!(
-        reg.get(&format!("/v2/other/repo/blobs/{stored_digest}"))
-            .bytes()
-            .unwrap()
-            .as_ref(),
-        &stored[..]
-    );
+    reg.assert_blob("other/repo", &stored_digest, &stored);
 }
 
 #[test]
@@ -956,11 +889,7 @@ fn cancel_upload() {
     assert_api_version(&r);
     expect_error(reg.get(&loc), 404, "BLOB_UPLOAD_UNKNOWN");
     expect_error(reg.delete(&loc), 404, "BLOB_UPLOAD_UNKNOWN");
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={EMPTY_SHA256}"))))
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, EMPTY_SHA256, &[]);
     expect_error(r, 404, "BLOB_UPLOAD_UNKNOWN");
 }
 
@@ -1021,20 +950,9 @@ fn upload_session_is_bound_to_its_repository() {
 
     // Unharmed in its own repository.
     assert_eq!(hdr(&reg.get(&loc), "range"), "0-4");
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={digest}"))))
-        .body(data[5..].to_vec())
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, &digest, &data[5..]);
     assert_eq!(r.status(), 201);
-    assert_eq!(
-        reg.get(&format!("/v2/owner/a/blobs/{digest}"))
-            .bytes()
-            .unwrap()
-            .as_ref(),
-        &data[..]
-    );
+    reg.assert_blob("owner/a", &digest, &data);
 }
 
 #[test]
@@ -1047,11 +965,7 @@ fn same_bytes_pushed_to_two_repositories() {
     // And a third time through a chunked session.
     let loc = reg.start_upload("twice/three");
     let loc = reg.patch(&loc, 0, &data);
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={d1}"))))
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, &d1, &[]);
     assert_eq!(r.status(), 201);
     for repo in ["twice/one", "twice/two", "twice/three"] {
         let r = reg.get(&format!("/v2/{repo}/blobs/{d1}"));
@@ -1096,11 +1010,7 @@ fn empty_blob() {
     assert_eq!(hdr(&r, "docker-content-digest"), EMPTY_SHA256);
     // POST then PUT with no body at all.
     let loc = reg.start_upload("empty/session");
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={EMPTY_SHA256}"))))
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, EMPTY_SHA256, &[]);
     assert_eq!(r.status(), 201, "{}", r.text().unwrap());
     for repo in ["empty/mono", "empty/session"] {
         let r = reg.head(&format!("/v2/{repo}/blobs/{EMPTY_SHA256}"));
@@ -1241,13 +1151,7 @@ fn blob_is_only_visible_in_its_repository() {
         400,
         "MANIFEST_BLOB_UNKNOWN",
     );
-    assert_eq!(
-        reg.get(&format!("/v2/iso/a/blobs/{digest}"))
-            .bytes()
-            .unwrap()
-            .as_ref(),
-        &data[..]
-    );
+    reg.assert_blob("iso/a", &digest, &data);
 }
 
 #[test]
@@ -1348,13 +1252,7 @@ fn cross_repository_mount() {
     assert_api_version(&r);
     assert_eq!(hdr(&r, "location"), format!("/v2/mount/dst/blobs/{digest}"));
     assert_eq!(hdr(&r, "docker-content-digest"), digest);
-    assert_eq!(
-        reg.get(&format!("/v2/mount/dst/blobs/{digest}"))
-            .bytes()
-            .unwrap()
-            .as_ref(),
-        &data[..]
-    );
+    reg.assert_blob("mount/dst", &digest, &data);
     // Percent-encoded parameters, as clients send them.
     let r = reg
         .c
@@ -1416,20 +1314,9 @@ fn cross_repository_mount() {
         .send()
         .unwrap();
     let loc = hdr(&r, "location");
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={digest}"))))
-        .body(data.clone())
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, &digest, &data);
     assert_eq!(r.status(), 201);
-    assert_eq!(
-        reg.get(&format!("/v2/mount/fallback/blobs/{digest}"))
-            .bytes()
-            .unwrap()
-            .as_ref(),
-        &data[..]
-    );
+    reg.assert_blob("mount/fallback", &digest, &data);
 
     // A malformed mount digest.
     let r = reg
@@ -2578,12 +2465,7 @@ fn malformed_digests_everywhere() {
             .send()
             .unwrap();
         expect_error(r, 400, "DIGEST_INVALID");
-        let r = reg
-            .c
-            .put(reg.url(&with_query(&loc, &format!("digest={bad}"))))
-            .body(b"content".to_vec())
-            .send()
-            .unwrap();
+        let r = reg.finish_upload(&loc, bad, b"content");
         expect_error(r, 400, "DIGEST_INVALID");
         let r = reg
             .c
@@ -2612,12 +2494,7 @@ fn malformed_digests_everywhere() {
     expect_error(r, 400, "DIGEST_INVALID");
     // None of that harmed the session, which still finishes.
     assert_eq!(reg.get(&loc).status(), 204);
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={good}"))))
-        .body(b"content".to_vec())
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, &good, b"content");
     assert_eq!(r.status(), 201);
 }
 
@@ -2770,13 +2647,7 @@ fn metadata_never_touches_the_object_store() {
     );
 
     // A blob GET is one proxied request.
-    assert_eq!(
-        reg.get(&format!("/v2/s3/img/blobs/{d1}"))
-            .bytes()
-            .unwrap()
-            .as_ref(),
-        &l1[..]
-    );
+    reg.assert_blob("s3/img", &d1, &l1);
     assert_eq!(s3.request_count(), after_blobs + 1);
 }
 
@@ -2827,22 +2698,13 @@ fn objects_in_the_bucket() {
     expect_error(r, 400, "DIGEST_INVALID");
     assert_eq!(files(&s3), after_push);
     let loc = reg.start_upload("obj/repo");
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={wrong}"))))
-        .body(other.clone())
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, &wrong, &other);
     expect_error(r, 400, "DIGEST_INVALID");
     assert_eq!(files(&s3), after_push);
     let big = pseudo_bytes(173, 9 * MIB);
     let loc = reg.start_upload("obj/repo");
     let loc = reg.patch(&loc, 0, &big);
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={wrong}"))))
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, &wrong, &[]);
     expect_error(r, 400, "DIGEST_INVALID");
     assert_eq!(files(&s3), after_push);
 
@@ -2906,13 +2768,7 @@ fn expect_100_continue() {
         raw_header(&headers, "docker-distribution-api-version"),
         Some("registry/2.0")
     );
-    assert_eq!(
-        reg.get(&format!("/v2/cont/repo/blobs/{digest}"))
-            .bytes()
-            .unwrap()
-            .as_ref(),
-        &data[..]
-    );
+    reg.assert_blob("cont/repo", &digest, &data);
 
     // An invalid name: the error straight away, no 100.
     let (status, headers, body) = raw_request(
@@ -2995,11 +2851,7 @@ fn one_writer_per_session() {
         .send()
         .unwrap();
     expect_error(r, 409, "BLOB_UPLOAD_INVALID");
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={digest}"))))
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, &digest, &[]);
     expect_error(r, 409, "BLOB_UPLOAD_INVALID");
     expect_error(reg.delete(&loc), 409, "BLOB_UPLOAD_INVALID");
     let r = reg.get(&loc);
@@ -3011,19 +2863,9 @@ fn one_writer_per_session() {
     let (status, range) = first.join().unwrap();
     assert_eq!(status, 202);
     assert_eq!(range, "0-1999");
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={digest}"))))
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, &digest, &[]);
     assert_eq!(r.status(), 201);
-    assert_eq!(
-        reg.get(&format!("/v2/busy/repo/blobs/{digest}"))
-            .bytes()
-            .unwrap()
-            .as_ref(),
-        &data[..]
-    );
+    reg.assert_blob("busy/repo", &digest, &data);
 }
 
 /// A body that fails after `ok` bytes (the client gives up mid-request).
@@ -3091,17 +2933,9 @@ fn interrupted_patch_resumes_from_the_committed_range() {
         offset == 8 * MIB || offset == cut,
         "resumed at {offset}: the part boundary (8 MiB) or all bytes sent ({cut}) expected"
     );
-    let r = reg
-        .c
-        .put(reg.url(&with_query(&loc, &format!("digest={digest}"))))
-        .send()
-        .unwrap();
+    let r = reg.finish_upload(&loc, &digest, &[]);
     assert_eq!(r.status(), 201, "{}", r.text().unwrap());
-    let got = reg
-        .get(&format!("/v2/resume/repo/blobs/{digest}"))
-        .bytes()
-        .unwrap();
-    assert!(got.as_ref() == &data[..], "bytes differ");
+    reg.assert_blob("resume/repo", &digest, &data);
 }
 
 /// Idle sessions expire (`upload.session_expiry`), and their multipart upload is aborted.
@@ -3349,12 +3183,6 @@ fn truncated_upload_body_stores_nothing() {
     }
     // The whole body then goes in.
     reg.push_blob("trunc/repo", &data);
-    assert_eq!(
-        reg.get(&format!("/v2/trunc/repo/blobs/{digest}"))
-            .bytes()
-            .unwrap()
-            .as_ref(),
-        &data[..]
-    );
+    reg.assert_blob("trunc/repo", &digest, &data);
     assert_eq!(s3.object_files().len(), 1);
 }

@@ -158,19 +158,10 @@ impl Observed {
         hdr(&r, "location")
     }
 
-    /// Monolithic `POST ?digest=`; asserts 201, returns the digest.
+    /// Monolithic upload (`POST ?digest=` with the body); asserts 201, returns the digest.
     #[track_caller]
     fn push_blob(&self, repo: &str, bytes: &[u8]) -> String {
-        let digest = sha256_digest(bytes);
-        let r = self
-            .c
-            .post(self.url(&format!("/v2/{repo}/blobs/uploads/?digest={digest}")))
-            .header("Content-Type", "application/octet-stream")
-            .body(bytes.to_vec())
-            .send()
-            .unwrap();
-        assert_eq!(r.status(), 201, "push blob: {}", r.text().unwrap());
-        digest
+        self.berth.push_blob(&self.c, repo, bytes)
     }
 
     #[track_caller]
@@ -266,26 +257,6 @@ fn expected_requests(list: &[(&str, &str, u16, u32)]) -> BTreeMap<(String, Strin
     list.iter()
         .map(|(m, r, s, n)| ((m.to_string(), r.to_string(), s.to_string()), *n as f64))
         .collect()
-}
-
-/// Whether `tool` runs. When it does not: a failure, unless BERTH_SKIP_CLIENT_TESTS=1.
-fn have(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        return true;
-    }
-    if std::env::var("BERTH_SKIP_CLIENT_TESTS").as_deref() == Ok("1") {
-        eprintln!("SKIPPED: {tool} is not installed (BERTH_SKIP_CLIENT_TESTS=1)");
-        return false;
-    }
-    panic!(
-        "{tool} is not installed or does not run (`{tool} --version` failed). Install it \
-         (Debian/Ubuntu: apt-get install -y prometheus) or set BERTH_SKIP_CLIENT_TESTS=1 to \
-         skip the tests that need it."
-    );
 }
 
 fn repo_file(path: &str) -> PathBuf {
@@ -1117,7 +1088,7 @@ fn some_traffic(o: &Observed) {
 
 #[test]
 fn promtool_accepts_the_exposition() {
-    if !have("promtool") {
+    if !have_tool("promtool", "prometheus") {
         return;
     }
     let o = Observed::start("", None);
@@ -1278,7 +1249,7 @@ fn dashboard() -> Value {
 /// and every PromQL expression of the Grafana dashboard evaluates.
 #[test]
 fn real_prometheus_scrapes_berth() {
-    if !have("prometheus") || !have("promtool") {
+    if !have_tool("prometheus", "prometheus") || !have_tool("promtool", "prometheus") {
         return;
     }
     let shipped = repo_file("deploy/prometheus.yml");

@@ -21,26 +21,6 @@ const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 // ---------------------------------------------------------------------------------------------
 // tools
 
-/// Whether `tool` can run. When it cannot: a failure, unless BERTH_SKIP_CLIENT_TESTS=1.
-fn have(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        return true;
-    }
-    if std::env::var("BERTH_SKIP_CLIENT_TESTS").as_deref() == Ok("1") {
-        eprintln!("SKIPPED: {tool} is not installed (BERTH_SKIP_CLIENT_TESTS=1)");
-        return false;
-    }
-    panic!(
-        "{tool} is not installed or does not run (`{tool} --version` failed). Install it \
-         (Debian/Ubuntu: apt-get install -y {tool}) or set BERTH_SKIP_CLIENT_TESTS=1 to skip \
-         the client tests."
-    );
-}
-
 /// Runs a command, failing the test with its output (and berth's log) if it fails.
 fn run(cmd: &mut Command, berth: &Berth) -> Output {
     let shown = format!("{cmd:?}");
@@ -241,7 +221,7 @@ fn image_v1(layout: &mut Layout) -> Image {
 
 #[test]
 fn skopeo_push_pull_inspect_list_and_cross_repo_copy() {
-    if !have("skopeo") {
+    if !have_tool("skopeo", "skopeo") {
         return;
     }
     let s3 = S3Server::start();
@@ -472,12 +452,7 @@ fn push_over_http(berth: &Berth, layout: &Layout, repo: &str, tag: &str, image: 
     let c = client();
     let all = blobs(&layout.dir);
     for digest in std::iter::once(&image.config_digest).chain(&image.layer_digests) {
-        let r = c
-            .post(berth.url(&format!("/v2/{repo}/blobs/uploads/?digest={digest}")))
-            .body(all[digest].clone())
-            .send()
-            .unwrap();
-        assert_eq!(r.status(), 201, "push {digest}: {}", r.text().unwrap());
+        assert_eq!(&berth.push_blob(&c, repo, &all[digest]), digest);
     }
     let r = c
         .put(berth.url(&format!("/v2/{repo}/manifests/{tag}")))
@@ -504,7 +479,7 @@ fn podman(storage: &Path) -> Command {
 
 #[test]
 fn podman_pull() {
-    if !have("podman") {
+    if !have_tool("podman", "podman") {
         return;
     }
     let berth = Berth::start_with_env("", None, &[("RUST_LOG", "info,berth=debug")]);

@@ -212,19 +212,6 @@ fn push_monolithic(c: &Client, berth: &Berth, repo: &str, seed: u64, len: u64) -
     digest
 }
 
-/// Monolithic push of bytes in memory.
-fn push_bytes(c: &Client, berth: &Berth, repo: &str, bytes: &[u8]) -> String {
-    let digest = sha256_digest(bytes);
-    let r = c
-        .post(berth.url(&format!("/v2/{repo}/blobs/uploads/?digest={digest}")))
-        .header("Content-Type", "application/octet-stream")
-        .body(bytes.to_vec())
-        .send()
-        .unwrap();
-    expect(r, 201, "monolithic POST", berth);
-    digest
-}
-
 /// GET a blob, hashing it as it streams in; asserts its digest and length.
 fn pull_and_check(c: &Client, berth: &Berth, repo: &str, digest: &str, len: u64) {
     let r = c
@@ -779,7 +766,7 @@ fn s3_requests_per_push() {
     let config = config_json(&layers);
     let mut config_digest = String::new();
     let n = s3_requests(&s3, || {
-        config_digest = push_bytes(&c, &berth, "count/mono", &config)
+        config_digest = berth.push_blob(&c, "count/mono", &config)
     });
     checks.push(count(format!("monolithic config {} B", config.len()), n, 1));
     let mut manifest1 = String::new();
@@ -811,7 +798,7 @@ fn s3_requests_per_push() {
     }
     let config2 = config_json(&layers2);
     let n = s3_requests(&s3, || {
-        let cd = push_bytes(&c, &berth, "count/chunked", &config2);
+        let cd = berth.push_blob(&c, "count/chunked", &config2);
         push_manifest(
             &c,
             &berth,
@@ -857,7 +844,7 @@ fn s3_requests_per_push() {
         for (i, &len) in sizes.iter().enumerate() {
             push_monolithic(&c, &berth, "count/again", 100 + i as u64, len);
         }
-        let cd = push_bytes(&c, &berth, "count/again", &config);
+        let cd = berth.push_blob(&c, "count/again", &config);
         let m = push_manifest(&c, &berth, "count/again", "v1", &cd, config.len(), &layers);
         assert_eq!(m, manifest1);
     });
@@ -1010,13 +997,7 @@ fn object_store_cut_mid_get() {
     let repo = "cut/blob";
     let len = 64 * MIB;
     let data = random_bytes(0xc07, len);
-    let digest = sha256_digest(&data);
-    let r = c
-        .post(berth.url(&format!("/v2/{repo}/blobs/uploads/?digest={digest}")))
-        .body(data.clone())
-        .send()
-        .unwrap();
-    expect(r, 201, "monolithic upload", &berth);
+    let digest = berth.push_blob(&c, repo, &data);
 
     // Read the header and 1 MiB, then stop reading: berth's read from the object store waits
     // on the client, so most of the blob is still upstream when the object store goes away.

@@ -258,6 +258,32 @@ impl Berth {
     }
 
     /// Sends `signal` (e.g. `libc::SIGHUP`) to the berth process.
+    /// Monolithic upload (`POST ?digest=` with the body); asserts 201 (berth's log in the failure
+    /// when it answered 5xx) and returns the digest.
+    #[track_caller]
+    pub fn push_blob(&self, c: &reqwest::blocking::Client, repo: &str, bytes: &[u8]) -> String {
+        let digest = sha256_digest(bytes);
+        let r = c
+            .post(self.url(&format!("/v2/{repo}/blobs/uploads/?digest={digest}")))
+            .header("Content-Type", "application/octet-stream")
+            .body(bytes.to_vec())
+            .send()
+            .unwrap();
+        if r.status() != 201 {
+            let status = r.status();
+            let log = if status.is_server_error() {
+                self.log()
+            } else {
+                String::new()
+            };
+            panic!(
+                "push blob to {repo}: {status}: {}\n{log}",
+                r.text().unwrap()
+            );
+        }
+        digest
+    }
+
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on our own child's pid.
         let rc = unsafe { libc::kill(self.pid() as i32, signal) };
@@ -332,6 +358,27 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("{field} not in /proc/{pid}/status"))
+}
+
+/// Whether `tool` runs. When it does not: a failure naming the Debian `package` to install,
+/// unless BERTH_SKIP_CLIENT_TESTS=1, which makes the caller skip its test.
+pub fn have_tool(tool: &str, package: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return true;
+    }
+    if std::env::var("BERTH_SKIP_CLIENT_TESTS").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: {tool} is not installed (BERTH_SKIP_CLIENT_TESTS=1)");
+        return false;
+    }
+    panic!(
+        "{tool} is not installed or does not run (`{tool} --version` failed). Install it \
+         (Debian/Ubuntu: apt-get install -y {package}) or set BERTH_SKIP_CLIENT_TESTS=1 to skip \
+         the tests that need it."
+    );
 }
 
 pub fn free_port() -> u16 {
