@@ -101,16 +101,14 @@ fn init_logging(level: &str) {
 /// is kept instead. `MALLOC_TRIM_THRESHOLD_`, if set, wins.
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY (both): mallopt only changes allocator tunables; called before any thread starts.
-        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+    for (env, param) in [
+        ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD),
+        ("MALLOC_TRIM_THRESHOLD_", libc::M_TRIM_THRESHOLD),
+    ] {
+        if std::env::var_os(env).is_none() {
+            // SAFETY: mallopt only changes allocator tunables; called before any thread starts.
             unsafe {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-            }
-        }
-        if std::env::var_os("MALLOC_TRIM_THRESHOLD_").is_none() {
-            unsafe {
-                libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
+                libc::mallopt(param, 1 << 20);
             }
         }
     }
