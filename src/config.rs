@@ -52,6 +52,33 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
+    /// Pull-through mirrors (`proxy:`), most specific prefix first at lookup.
+    pub proxy: Vec<MirrorConfig>,
+}
+
+/// One `proxy:` entry: repositories under `prefix` mirror `remote_url`.
+#[derive(Clone)]
+pub struct MirrorConfig {
+    /// Empty (the whole registry, distribution's form) or ending in '/'.
+    pub prefix: String,
+    pub remote_url: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// How long a cached tag is trusted before the upstream is asked again.
+    pub ttl: Duration,
+}
+
+impl fmt::Debug for MirrorConfig {
+    // The password never reaches a log or `check-config`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MirrorConfig")
+            .field("prefix", &self.prefix)
+            .field("remote_url", &self.remote_url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("ttl", &self.ttl)
+            .finish()
+    }
 }
 
 /// `tls:`: the registry listener speaks HTTPS (HTTP/1.1 and HTTP/2 via ALPN).
@@ -202,6 +229,18 @@ struct RawConfig {
     storage: RawStorage,
     #[serde(default)]
     upload: RawUpload,
+    /// A list of mirrors, or distribution's single `proxy: {remoteurl: ...}`.
+    proxy: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMirror {
+    prefix: Option<serde_yaml::Value>,
+    remoteurl: Option<serde_yaml::Value>,
+    username: Option<serde_yaml::Value>,
+    password: Option<serde_yaml::Value>,
+    ttl: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -483,8 +522,102 @@ impl Config {
             tls: tls_config(&r, raw.tls)?,
             auth: auth_config(&r, raw.auth)?,
             limits: limits_config(&r, raw.limits)?,
+            proxy: proxy_config(&r, raw.proxy)?,
         })
     }
+}
+
+fn proxy_config(
+    r: &Resolver,
+    raw: Option<serde_yaml::Value>,
+) -> Result<Vec<MirrorConfig>, ConfigError> {
+    use serde_yaml::Value;
+    let parse = |key: &str, v: Value| -> Result<RawMirror, ConfigError> {
+        serde_yaml::from_value(v).map_err(|e| ConfigError::new(key, e.to_string()))
+    };
+    let raws: Vec<(String, RawMirror, bool)> = match raw {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        // distribution's form: the whole registry mirrors one upstream.
+        Some(v @ Value::Mapping(_)) => vec![("proxy".to_string(), parse("proxy", v)?, false)],
+        Some(Value::Sequence(items)) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let key = format!("proxy[{i}]");
+                parse(&key, v).map(|m| (key, m, true))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(ConfigError::new(
+                "proxy",
+                "expected a list of mirrors or a mapping with remoteurl",
+            ))
+        }
+    };
+    let mut out: Vec<MirrorConfig> = Vec::with_capacity(raws.len());
+    for (key, m, listed) in raws {
+        let mut prefix = r
+            .string(&format!("{key}.prefix"), m.prefix)?
+            .unwrap_or_default();
+        if listed && prefix.is_empty() {
+            return Err(ConfigError::new(
+                format!("{key}.prefix"),
+                "required in the list form (e.g. dockerhub/)",
+            ));
+        }
+        if !prefix.is_empty() && !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        if prefix.starts_with('/') || prefix.contains("//") {
+            return Err(ConfigError::new(
+                format!("{key}.prefix"),
+                "must be a repository path like dockerhub/",
+            ));
+        }
+        if out.iter().any(|o| o.prefix == prefix) {
+            return Err(ConfigError::new(
+                format!("{key}.prefix"),
+                format!("{prefix:?} is mirrored twice"),
+            ));
+        }
+        let remote_url = required(
+            &format!("{key}.remoteurl"),
+            r.string(&format!("{key}.remoteurl"), m.remoteurl)?,
+        )?;
+        if !(remote_url.starts_with("http://") || remote_url.starts_with("https://"))
+            || remote_url.parse::<http::Uri>().is_err()
+        {
+            return Err(ConfigError::new(
+                format!("{key}.remoteurl"),
+                "expected a URL starting with http:// or https://",
+            ));
+        }
+        let username = r.string(&format!("{key}.username"), m.username)?;
+        let password = r.string(&format!("{key}.password"), m.password)?;
+        if password.is_some() && username.is_none() {
+            return Err(ConfigError::new(
+                format!("{key}.username"),
+                "a password needs a username",
+            ));
+        }
+        let ttl = r
+            .duration(&format!("{key}.ttl"), m.ttl)?
+            .unwrap_or(Duration::from_secs(600));
+        out.push(MirrorConfig {
+            prefix,
+            remote_url,
+            username,
+            password,
+            ttl,
+        });
+    }
+    if out.len() > 1 && out.iter().any(|m| m.prefix.is_empty()) {
+        return Err(ConfigError::new(
+            "proxy",
+            "a whole-registry mirror cannot have siblings",
+        ));
+    }
+    Ok(out)
 }
 
 fn required(key: &str, v: Option<String>) -> Result<String, ConfigError> {

@@ -15,6 +15,7 @@
 //! - [`storage`]: the S3 client (SigV4 presigning, multipart) and the embedded S3 endpoint.
 //! - [`config`]: the YAML config with `_env:NAME` values.
 //! - [`metrics`]: every Prometheus metric berth exports, recorded through pre-resolved handles.
+//! - [`mirror`]: pull-through mirrors of upstream registries under a repository prefix.
 //! - [`auth`]: authentication (htpasswd, Docker tokens), per-repository access, limits.
 //! - [`tls`]: downstream TLS (certificate reload on SIGHUP, mTLS).
 
@@ -23,6 +24,7 @@ pub mod config;
 pub mod http;
 pub mod meta;
 pub mod metrics;
+pub mod mirror;
 pub mod registry;
 pub mod server;
 pub mod storage;

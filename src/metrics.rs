@@ -154,6 +154,86 @@ pub static BLOBS: LazyLock<BlobMetrics> = LazyLock::new(|| {
     }
 });
 
+/// Pull-through mirrors (`proxy:`).
+pub struct MirrorMetrics {
+    upstream_ok: IntCounter,
+    upstream_not_found: IntCounter,
+    upstream_unauthorized: IntCounter,
+    upstream_error: IntCounter,
+    upstream_token: IntCounter,
+    manifest_hits: IntCounter,
+    manifest_misses: IntCounter,
+    blob_hits: IntCounter,
+    blob_misses: IntCounter,
+    /// Cached tags served because the upstream could not be asked.
+    pub stale: IntCounter,
+    /// Bytes read from upstream registries (manifests and blobs).
+    pub upstream_bytes: IntCounter,
+}
+
+impl MirrorMetrics {
+    /// Upstream requests by outcome: ok, not_found, unauthorized, error, token.
+    pub fn upstream_requests(&self, outcome: &str) -> &IntCounter {
+        match outcome {
+            "ok" => &self.upstream_ok,
+            "not_found" => &self.upstream_not_found,
+            "unauthorized" => &self.upstream_unauthorized,
+            "token" => &self.upstream_token,
+            _ => &self.upstream_error,
+        }
+    }
+
+    /// A request served from what the mirror holds (`manifest` or `blob`).
+    pub fn hit(&self, kind: &str) -> &IntCounter {
+        if kind == "blob" {
+            &self.blob_hits
+        } else {
+            &self.manifest_hits
+        }
+    }
+
+    /// A request that had to go upstream.
+    pub fn miss(&self, kind: &str) -> &IntCounter {
+        if kind == "blob" {
+            &self.blob_misses
+        } else {
+            &self.manifest_misses
+        }
+    }
+}
+
+pub static MIRROR: LazyLock<MirrorMetrics> = LazyLock::new(|| {
+    let upstream = counter_vec(
+        "berth_mirror_upstream_requests_total",
+        "Requests to upstream registries, by outcome (token: token-service requests).",
+        &["outcome"],
+    );
+    let cache = counter_vec(
+        "berth_mirror_cache_total",
+        "Mirror reads by kind (manifest, blob) and result (hit: served from berth, miss: fetched upstream).",
+        &["kind", "result"],
+    );
+    MirrorMetrics {
+        upstream_ok: upstream.with_label_values(&["ok"]),
+        upstream_not_found: upstream.with_label_values(&["not_found"]),
+        upstream_unauthorized: upstream.with_label_values(&["unauthorized"]),
+        upstream_error: upstream.with_label_values(&["error"]),
+        upstream_token: upstream.with_label_values(&["token"]),
+        manifest_hits: cache.with_label_values(&["manifest", "hit"]),
+        manifest_misses: cache.with_label_values(&["manifest", "miss"]),
+        blob_hits: cache.with_label_values(&["blob", "hit"]),
+        blob_misses: cache.with_label_values(&["blob", "miss"]),
+        stale: counter(
+            "berth_mirror_stale_total",
+            "Cached tags served stale because the upstream could not be reached.",
+        ),
+        upstream_bytes: counter(
+            "berth_mirror_upstream_bytes_total",
+            "Bytes fetched from upstream registries.",
+        ),
+    }
+});
+
 pub struct UploadMetrics {
     /// Requests writing an upload right now.
     pub in_progress: IntGauge,
@@ -287,6 +367,7 @@ pub fn init() {
     LazyLock::force(&UPLOADS);
     LazyLock::force(&STORE);
     LazyLock::force(&META);
+    LazyLock::force(&MIRROR);
 }
 
 /// The registry in Prometheus text format.

@@ -16,6 +16,7 @@ use crate::http::ops::{OpsApp, Readiness, ReadinessProbe};
 use crate::http::service::BerthService;
 use crate::meta::instrumented::Instrumented;
 use crate::meta::redb::RedbStore;
+use crate::mirror::Mirrors;
 use crate::registry::{Registry, RegistrySettings};
 use crate::storage::embedded::{EmbeddedOptions, EmbeddedS3};
 use crate::storage::ObjectStore;
@@ -34,6 +35,8 @@ pub enum StartError {
     Embedded(std::io::Error),
     #[error("object store: {0}")]
     Storage(#[from] crate::storage::StorageError),
+    #[error("{0}")]
+    Mirror(String),
 }
 
 /// Resolves the storage settings (starting the embedded S3 endpoint when none is configured)
@@ -81,7 +84,8 @@ pub fn prepare(mut config: Config) -> Result<(Config, Arc<Registry>), StartError
         Arc::new(Instrumented::new(meta)),
         Arc::new(store),
         RegistrySettings::from_config(&config),
-    );
+    )
+    .with_mirrors(Mirrors::from_config(&config.proxy).map_err(StartError::Mirror)?);
     Ok((config, Arc::new(registry)))
 }
 

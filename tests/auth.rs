@@ -17,13 +17,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use common::credentials::*;
 use common::*;
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use serde_json::{json, Value};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const ISSUER: &str = "test-issuer";
-const SERVICE: &str = "berth-test";
 const REALM: &str = "https://auth.example.test/token";
 
 // ---------------------------------------------------------------------------------------------
@@ -50,19 +49,6 @@ fn outcome(r: Response) -> (u16, String, String) {
 }
 
 /// An htpasswd file with bcrypt entries in `htpasswd -B` form (`$2y$`, cost 5).
-fn htpasswd_file(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
-    let mut text = String::new();
-    for (user, pw) in users {
-        let h = bcrypt::hash_with_result(pw, 5)
-            .unwrap()
-            .format_for_version(bcrypt::Version::TwoY);
-        text.push_str(&format!("{user}:{h}\n"));
-    }
-    let p = dir.join("htpasswd");
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
 fn basic(user: &str, pw: &str) -> String {
     format!(
         "Basic {}",
@@ -166,58 +152,6 @@ fn manifest(config: &str, config_size: usize, layer: &str, layer_size: usize) ->
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": layer_size}],
     }))
     .unwrap()
-}
-
-/// A token issuer: an EC P-256 key and its self-signed certificate (berth's rootcertbundle).
-struct Issuer {
-    key: rcgen::KeyPair,
-    cert_pem: String,
-}
-
-impl Issuer {
-    fn new() -> Issuer {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["token-issuer".into()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        Issuer {
-            cert_pem: cert.pem(),
-            key,
-        }
-    }
-
-    fn sign(&self, claims: &Value) -> String {
-        jsonwebtoken::encode(
-            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
-            claims,
-            &jsonwebtoken::EncodingKey::from_ec_der(&self.key.serialize_der()),
-        )
-        .unwrap()
-    }
-
-    /// Standard claims (valid for 5 minutes) granting `access`: (type, name, actions).
-    fn claims(access: &[(&str, &str, &[&str])]) -> Value {
-        let now = jsonwebtoken::get_current_timestamp();
-        json!({
-            "iss": ISSUER,
-            "sub": "tester",
-            "aud": SERVICE,
-            "exp": now + 300,
-            "nbf": now - 1,
-            "iat": now,
-            "jti": format!("{now}"),
-            "access": access.iter().map(|(t, n, a)| json!({"type": t, "name": n, "actions": a})).collect::<Vec<_>>(),
-        })
-    }
-
-    fn token(&self, access: &[(&str, &str, &[&str])]) -> String {
-        self.sign(&Self::claims(access))
-    }
-
-    fn auth(&self, access: &[(&str, &str, &[&str])]) -> Option<String> {
-        Some(bearer(&self.token(access)))
-    }
 }
 
 fn token_yaml(bundle: &Path, extra: &str) -> String {

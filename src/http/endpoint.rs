@@ -116,6 +116,25 @@ impl Endpoint {
         )
     }
 
+    /// The repository the request is about, if any.
+    pub fn repository(&self) -> Option<&str> {
+        match self {
+            Endpoint::Banner | Endpoint::ApiBase | Endpoint::Catalog(_) => None,
+            Endpoint::TagsList { name, .. }
+            | Endpoint::GetManifest { name, .. }
+            | Endpoint::PutManifest { name, .. }
+            | Endpoint::DeleteManifest { name, .. }
+            | Endpoint::GetBlob { name, .. }
+            | Endpoint::DeleteBlob { name, .. }
+            | Endpoint::StartUpload { name, .. }
+            | Endpoint::UploadStatus { name, .. }
+            | Endpoint::PatchUpload { name, .. }
+            | Endpoint::FinishUpload { name, .. }
+            | Endpoint::CancelUpload { name, .. }
+            | Endpoint::Referrers { name, .. } => Some(name),
+        }
+    }
+
     /// The route template, for logs and metrics (never the name or digest).
     pub fn route(&self) -> &'static str {
         ROUTES[self.route_index()]

@@ -24,6 +24,26 @@ pub async fn handle(
     ep: Endpoint,
     blob: BlobLimit,
 ) -> RegistryResult<()> {
+    if !reg.mirrors.is_empty()
+        && ep
+            .repository()
+            .is_some_and(|n| reg.mirrors.route(n).is_some())
+    {
+        if let Some(ep) = super::mirror::handle(reg, s, ep).await? {
+            return handle_local(reg, s, ep, blob).await;
+        }
+        return Ok(());
+    }
+    handle_local(reg, s, ep, blob).await
+}
+
+/// Answers `ep` from what berth holds.
+async fn handle_local(
+    reg: &Registry,
+    s: &mut Session,
+    ep: Endpoint,
+    blob: BlobLimit,
+) -> RegistryResult<()> {
     match ep {
         Endpoint::Banner => {
             let mut h = header(200);
@@ -71,11 +91,7 @@ pub async fn handle(
             head,
         } => {
             let found = reg.get_manifest(&name, &reference).await?;
-            let mut h = header(200);
-            set(&mut h, "Content-Type", &found.record.media_type);
-            set(&mut h, "Docker-Content-Digest", found.digest.as_str());
-            set(&mut h, "ETag", format!("\"{}\"", found.digest));
-            reply(send(s, h, found.record.body, head).await)
+            send_manifest(s, found, head).await
         }
         Endpoint::PutManifest { name, reference } => {
             let content_type = header_str(s, "content-type").map(str::to_string);
@@ -105,12 +121,7 @@ pub async fn handle(
             head: true,
         } => {
             let record = reg.stat_blob(&name, &digest).await?;
-            let mut h = header(200);
-            set(&mut h, "Content-Type", "application/octet-stream");
-            set(&mut h, "Docker-Content-Digest", digest.as_str());
-            set(&mut h, "ETag", format!("\"{digest}\""));
-            set(&mut h, "Accept-Ranges", "bytes");
-            reply(send_empty(s, h, Some(record.size)).await)
+            send_blob_head(s, &digest, record.size).await
         }
         Endpoint::GetBlob {
             name,
@@ -192,6 +203,31 @@ pub async fn handle(
             reply(send(s, h, body.into(), false).await)
         }
     }
+}
+
+pub(super) async fn send_manifest(
+    s: &mut Session,
+    found: crate::registry::manifest::FoundManifest,
+    head: bool,
+) -> RegistryResult<()> {
+    let mut h = header(200);
+    set(&mut h, "Content-Type", &found.record.media_type);
+    set(&mut h, "Docker-Content-Digest", found.digest.as_str());
+    set(&mut h, "ETag", format!("\"{}\"", found.digest));
+    reply(send(s, h, found.record.body, head).await)
+}
+
+pub(super) async fn send_blob_head(
+    s: &mut Session,
+    digest: &Digest,
+    size: u64,
+) -> RegistryResult<()> {
+    let mut h = header(200);
+    set(&mut h, "Content-Type", "application/octet-stream");
+    set(&mut h, "Docker-Content-Digest", digest.as_str());
+    set(&mut h, "ETag", format!("\"{digest}\""));
+    set(&mut h, "Accept-Ranges", "bytes");
+    reply(send_empty(s, h, Some(size)).await)
 }
 
 async fn start_upload(

@@ -12,6 +12,7 @@ pub mod access_log;
 pub mod blob_proxy;
 pub mod endpoint;
 pub mod handlers;
+pub mod mirror;
 pub mod ops;
 pub mod response;
 pub mod service;

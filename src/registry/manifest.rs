@@ -57,6 +57,46 @@ pub struct PushedManifest {
     pub subject: Option<Digest>,
 }
 
+/// A manifest body checked for size, digest, JSON shape and media type.
+struct Parsed {
+    digest: Digest,
+    media_type: String,
+    fields: ManifestFields,
+    body: Bytes,
+}
+
+impl Parsed {
+    fn new(
+        content_type: Option<&str>,
+        body: Bytes,
+        expected: Option<&Digest>,
+    ) -> RegistryResult<Parsed> {
+        if body.len() > MAX_MANIFEST_BYTES {
+            return Err(RegistryError::TooLarge(format!(
+                "manifest is {} bytes, the limit is {MAX_MANIFEST_BYTES}",
+                body.len()
+            )));
+        }
+        let digest = Digest::sha256_of(&body);
+        if let Some(d) = expected {
+            if d != &digest {
+                return Err(RegistryError::DigestInvalid(format!(
+                    "manifest digest is {digest}, URL says {d}"
+                )));
+            }
+        }
+        let fields: ManifestFields = serde_json::from_slice(&body)
+            .map_err(|e| RegistryError::ManifestInvalid(format!("not a JSON manifest: {e}")))?;
+        let media_type = media_type_of(content_type, &fields)?;
+        Ok(Parsed {
+            digest,
+            media_type,
+            fields,
+            body,
+        })
+    }
+}
+
 impl Registry {
     pub async fn get_manifest(
         &self,
@@ -83,26 +123,48 @@ impl Registry {
         content_type: Option<&str>,
         body: Bytes,
     ) -> RegistryResult<PushedManifest> {
-        if body.len() > MAX_MANIFEST_BYTES {
-            return Err(RegistryError::TooLarge(format!(
-                "manifest is {} bytes, the limit is {MAX_MANIFEST_BYTES}",
-                body.len()
-            )));
-        }
-        let digest = Digest::sha256_of(&body);
-        if let Reference::Digest(d) = reference {
-            if d != &digest {
-                return Err(RegistryError::DigestInvalid(format!(
-                    "manifest digest is {digest}, URL says {d}"
-                )));
-            }
-        }
-        let fields: ManifestFields = serde_json::from_slice(&body)
-            .map_err(|e| RegistryError::ManifestInvalid(format!("not a JSON manifest: {e}")))?;
-        let media_type = media_type_of(content_type, &fields)?;
-        self.check_references(repo, &media_type, &fields).await?;
+        let expected = match reference {
+            Reference::Digest(d) => Some(d),
+            Reference::Tag(_) => None,
+        };
+        let m = Parsed::new(content_type, body, expected)?;
+        self.check_references(repo, &m.media_type, &m.fields)
+            .await?;
+        let tag = match reference {
+            Reference::Tag(t) => Some(t.as_str()),
+            Reference::Digest(_) => None,
+        };
+        let (digest, record) = self.store_parsed(repo, m, tag).await?;
+        Ok(PushedManifest {
+            digest,
+            subject: record.subject,
+        })
+    }
 
-        let subject = match &fields.subject {
+    /// Stores a manifest a mirror fetched from its upstream. Its blobs are not checked: a
+    /// mirror fetches them on demand.
+    pub(crate) async fn store_mirrored_manifest(
+        &self,
+        repo: &str,
+        tag: Option<&str>,
+        fetched: crate::mirror::upstream::UpstreamManifest,
+    ) -> RegistryResult<FoundManifest> {
+        let m = Parsed::new(
+            fetched.media_type.as_deref(),
+            fetched.body,
+            Some(&fetched.digest),
+        )?;
+        let (digest, record) = self.store_parsed(repo, m, tag).await?;
+        Ok(FoundManifest { digest, record })
+    }
+
+    async fn store_parsed(
+        &self,
+        repo: &str,
+        m: Parsed,
+        tag: Option<&str>,
+    ) -> RegistryResult<(Digest, ManifestRecord)> {
+        let subject = match &m.fields.subject {
             Some(s) => Some(Digest::parse(&s.digest).ok_or_else(|| {
                 RegistryError::ManifestInvalid("subject digest is invalid".into())
             })?),
@@ -110,21 +172,17 @@ impl Registry {
         };
         let referrer = subject.as_ref().map(|s| Referrer {
             subject: s.clone(),
-            descriptor: referrer_descriptor(&media_type, &digest, body.len(), &fields),
+            descriptor: referrer_descriptor(&m.media_type, &m.digest, m.body.len(), &m.fields),
         });
-        let tag = match reference {
-            Reference::Tag(t) => Some(t.as_str()),
-            Reference::Digest(_) => None,
-        };
         let record = ManifestRecord {
-            media_type,
-            body,
-            subject: subject.clone(),
+            media_type: m.media_type,
+            body: m.body,
+            subject,
         };
         self.meta
-            .put_manifest(repo, &digest, record, tag, referrer)
+            .put_manifest(repo, &m.digest, record.clone(), tag, referrer)
             .await?;
-        Ok(PushedManifest { digest, subject })
+        Ok((m.digest, record))
     }
 
     /// DELETE by digest removes the manifest and its tags; by tag, only the tag.

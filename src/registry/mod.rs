@@ -56,6 +56,8 @@ pub struct Registry {
     pub meta: Arc<dyn MetaStore>,
     pub store: Arc<ObjectStore>,
     pub settings: RegistrySettings,
+    /// Pull-through mirrors (none unless configured).
+    pub mirrors: crate::mirror::Mirrors,
     /// Upload sessions a request is writing right now (one writer per session).
     busy_uploads: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -78,8 +80,14 @@ impl Registry {
             meta,
             store,
             settings,
+            mirrors: Default::default(),
             busy_uploads: Default::default(),
         }
+    }
+
+    pub fn with_mirrors(mut self, mirrors: crate::mirror::Mirrors) -> Self {
+        self.mirrors = mirrors;
+        self
     }
 
     /// HEAD blob: answered from metadata alone.

@@ -3,6 +3,7 @@
 //! real HTTP.
 #![allow(dead_code)]
 
+pub mod credentials;
 pub mod forward;
 pub mod prom;
 
