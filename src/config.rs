@@ -903,6 +903,41 @@ mod tests {
     }
 
     #[test]
+    fn proxy_list_and_distribution_forms() {
+        let yaml = "proxy:\n  - prefix: hub\n    remoteurl: https://registry-1.docker.io\n    username: u\n    password: _env:PW\n    ttl: 5m\n  - prefix: ghcr/\n    remoteurl: https://ghcr.io\n";
+        let env = |n: &str| (n == "PW").then(|| "hunter2-pw".to_string());
+        let c = Config::from_yaml(yaml, &Overrides::default(), &env).unwrap();
+        assert_eq!(c.proxy.len(), 2);
+        assert_eq!(c.proxy[0].prefix, "hub/");
+        assert_eq!(c.proxy[0].password.as_deref(), Some("hunter2-pw"));
+        assert_eq!(c.proxy[0].ttl, Duration::from_secs(300));
+        assert_eq!(c.proxy[1].ttl, Duration::from_secs(600));
+        assert!(
+            !format!("{c:?}").contains("secret"),
+            "password in Debug output"
+        );
+
+        let c = Config::from_yaml(
+            "proxy:\n  remoteurl: http://127.0.0.1:5001\n",
+            &Overrides::default(),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(c.proxy[0].prefix, "");
+
+        for (bad, key) in [
+            ("proxy:\n  - remoteurl: https://x.test\n", "proxy[0].prefix"),
+            ("proxy:\n  - prefix: a/\n    remoteurl: ftp://x\n", "proxy[0].remoteurl"),
+            ("proxy:\n  - prefix: a/\n    remoteurl: https://x.test\n  - prefix: a\n    remoteurl: https://y.test\n", "proxy[1].prefix"),
+            ("proxy:\n  - prefix: a/\n    remoteurl: https://x.test\n    password: p\n", "proxy[0].username"),
+            ("proxy: 3\n", "proxy"),
+        ] {
+            let e = Config::from_yaml(bad, &Overrides::default(), &no_env).unwrap_err();
+            assert_eq!(e.key, key, "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn env_indirection_resolves_and_missing_env_names_the_key() {
         let yaml = "storage:\n  endpoint: http://127.0.0.1:3900\n  access_key: _env:AK\n  secret_key: _env:SK\n";
         let env = |n: &str| match n {
