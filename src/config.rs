@@ -913,7 +913,7 @@ mod tests {
         assert_eq!(c.proxy[0].ttl, Duration::from_secs(300));
         assert_eq!(c.proxy[1].ttl, Duration::from_secs(600));
         assert!(
-            !format!("{c:?}").contains("secret"),
+            !format!("{c:?}").contains("hunter2-pw"),
             "password in Debug output"
         );
 
