@@ -147,7 +147,7 @@ impl Distribution {
         )
         .unwrap();
         // With AWS_CA_BUNDLE set, distribution 2.8.2 panics at start.
-        let child = Command::new("docker-registry")
+        let mut child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config)
             .env_remove("AWS_CA_BUNDLE")
@@ -171,6 +171,8 @@ impl Distribution {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("distribution did not answer on 127.0.0.1:{port}");
     }
 
@@ -427,7 +429,6 @@ fn import_from_distribution_filesystem_by_hard_links() {
     assert!(blobs.starts_with("13 links added, 10 new blobs"), "{blobs}");
     let signature_bytes =
         2 + br#"{"critical":{"identity":{"docker-reference":"example"}}}"#.len() as u64;
-    assert!(blobs.contains(&format!(" bytes adopted")));
     let adopted: u64 = blobs
         .split('(')
         .nth(1)
@@ -441,13 +442,10 @@ fn import_from_distribution_filesystem_by_hard_links() {
 
     // Adopted by hard link: berth's object is distribution's file (same inode).
     use std::os::unix::fs::MetadataExt;
-    let layer = pushed.layout.path(
-        &serde_json::from_slice::<serde_json::Value>(&pushed.images[0].2).unwrap()["layers"][0]
-            ["digest"]
-            .as_str()
-            .unwrap()
-            .to_string(),
-    );
+    let manifest: serde_json::Value = serde_json::from_slice(&pushed.images[0].2).unwrap();
+    let layer = pushed
+        .layout
+        .path(manifest["layers"][0]["digest"].as_str().unwrap());
     let hex = layer.file_name().unwrap().to_str().unwrap();
     let key = format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]);
     let ours = berth
