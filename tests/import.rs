@@ -503,6 +503,47 @@ fn import_from_distribution_filesystem_by_hard_links() {
     )
     .unwrap();
     assert_eq!(tags["tags"].as_array().unwrap().len(), 3, "{tags}");
+
+    // An image whose layer distribution lost: its blob link, manifest and tag are skipped,
+    // each with its reason, and nothing of it is served.
+    berth.kill();
+    let mut broken = Layout::new(&tmp.path().join("broken"));
+    let (image, _) = broken.image("amd64", 11, &[300_000]);
+    broken.tag("v1", image.clone());
+    dist.push(&broken, "v1", "broken/app");
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(broken.path(image["digest"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    let lost = manifest["layers"][0]["digest"].as_str().unwrap();
+    let hex = lost.trim_start_matches("sha256:");
+    std::fs::remove_file(dist.root.join(format!(
+        "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    )))
+    .unwrap();
+    let (out, s) = import(&berth, &["--from-dir", dist.root.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(s["skipped"].0, 3, "{text}");
+    assert!(
+        text.contains(&format!(
+            "broken/app@{lost}: blob linked in the repository, without data"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("(missing in distribution's storage)"),
+        "{text}"
+    );
+    assert!(text.contains("broken/app:v1: points at"), "{text}");
+    assert_eq!(line(&s, "tags"), "0 added, 0 moved, 5 already present");
+    assert_eq!(line(&s, "manifests"), "0 added, 7 already present");
+    berth.restart();
+    let r = client()
+        .get(berth.url("/v2/broken/app/manifests/v1"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
 }
 
 #[test]
