@@ -14,6 +14,7 @@
 //! - [`meta`]: the [`meta::MetaStore`] trait, its embedded redb backend, and a timing decorator.
 //! - [`storage`]: the S3 client (SigV4 presigning, multipart) and the embedded S3 endpoint.
 //! - [`config`]: the YAML config with `_env:NAME` values.
+//! - [`import`]: `berth import`, adopting a CNCF distribution registry's storage in place.
 //! - [`metrics`]: every Prometheus metric berth exports, recorded through pre-resolved handles.
 //! - [`mirror`]: pull-through mirrors of upstream registries under a repository prefix.
 //! - [`auth`]: authentication (htpasswd, Docker tokens), per-repository access, limits.
@@ -22,6 +23,7 @@
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod import;
 pub mod meta;
 pub mod metrics;
 pub mod mirror;

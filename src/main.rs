@@ -37,6 +37,29 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Adopt a CNCF distribution registry's storage in place: record its repositories, tags,
+    /// manifests and blobs in berth's metadata store, the blobs under distribution's own
+    /// objects (no blob byte is read or copied). Idempotent: a re-run adds only what is new.
+    /// With the embedded redb store, berth must not be serving the same data_dir meanwhile.
+    #[command(group(clap::ArgGroup::new("from").required(true).args(["from_bucket", "from_dir"])))]
+    Import {
+        /// berth's config (its metadata store and bucket).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Overrides `data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// distribution's S3 storage is in berth's bucket (`storage.bucket`).
+        #[arg(long)]
+        from_bucket: bool,
+        /// distribution's S3 `rootdirectory` (with --from-bucket), "" by default.
+        #[arg(long, default_value = "", requires = "from_bucket")]
+        root_directory: String,
+        /// distribution's filesystem `rootdirectory`, adopted into the embedded object store
+        /// by hard links.
+        #[arg(long)]
+        from_dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -54,6 +77,32 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+        Command::Import {
+            config,
+            data_dir,
+            from_bucket: _,
+            root_directory,
+            from_dir,
+        } => {
+            let overrides = Overrides {
+                listen: None,
+                data_dir,
+            };
+            let config = match Config::load(config.as_deref(), &overrides) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("berth: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(&config.log_level);
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let from = match from_dir {
+                Some(dir) => berth::import::command::From::Dir(dir),
+                None => berth::import::command::From::Bucket { root_directory },
+            };
+            berth::import::command::run(config, from)
         }
         Command::Serve {
             config,

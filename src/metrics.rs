@@ -279,11 +279,13 @@ pub enum StoreOp {
     CompleteMultipart,
     AbortMultipart,
     DeleteObject,
-    /// A proxied blob GET (timed until the response headers arrive).
+    /// A proxied blob GET (timed until the response headers arrive), or an object read into
+    /// memory.
     GetObject,
+    ListObjectsV2,
 }
 
-const STORE_OPS: [&str; 8] = [
+const STORE_OPS: [&str; 9] = [
     "HeadBucket",
     "PutObject",
     "CreateMultipartUpload",
@@ -292,6 +294,7 @@ const STORE_OPS: [&str; 8] = [
     "AbortMultipartUpload",
     "DeleteObject",
     "GetObject",
+    "ListObjectsV2",
 ];
 
 pub struct StoreMetrics {

@@ -22,6 +22,7 @@ struct Timers {
     blob: Histogram,
     repo_blob: Histogram,
     link_blob: Histogram,
+    adopt_blobs: Histogram,
     unlink_blob: Histogram,
     put_manifest: Histogram,
     manifest: Histogram,
@@ -47,6 +48,7 @@ impl<M: MetaStore> Instrumented<M> {
             blob: META.op("blob"),
             repo_blob: META.op("repo_blob"),
             link_blob: META.op("link_blob"),
+            adopt_blobs: META.op("adopt_blobs"),
             unlink_blob: META.op("unlink_blob"),
             put_manifest: META.op("put_manifest"),
             manifest: META.op("manifest"),
@@ -84,6 +86,15 @@ impl<M: MetaStore> MetaStore for Instrumented<M> {
     async fn link_blob(&self, repo: &str, digest: &Digest) -> MetaResult<bool> {
         let _t = self.timers.link_blob.start_timer();
         self.inner.link_blob(repo, digest).await
+    }
+
+    async fn adopt_blobs(
+        &self,
+        repo: &str,
+        blobs: &[(Digest, BlobRecord)],
+    ) -> MetaResult<Vec<Linked>> {
+        let _t = self.timers.adopt_blobs.start_timer();
+        self.inner.adopt_blobs(repo, blobs).await
     }
 
     async fn unlink_blob(&self, repo: &str, digest: &Digest) -> MetaResult<bool> {

@@ -106,6 +106,16 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Links an already-stored blob into `repo` (cross-repository mount). False if the digest
     /// is not in the global index.
     async fn link_blob(&self, repo: &str, digest: &Digest) -> MetaResult<bool>;
+    /// Adopts blobs whose bytes are already in the bucket under the keys given (`berth
+    /// import`: another registry's objects): for each, adds `digest -> record` to the global
+    /// index unless the digest is already there (the stored record then stays), and links the
+    /// digest into `repo`. The whole batch is one transaction. Returns, in order, what each
+    /// digest was.
+    async fn adopt_blobs(
+        &self,
+        repo: &str,
+        blobs: &[(Digest, BlobRecord)],
+    ) -> MetaResult<Vec<Linked>>;
     /// Removes `repo`'s link to the blob. False if it was not linked.
     async fn unlink_blob(&self, repo: &str, digest: &Digest) -> MetaResult<bool>;
 

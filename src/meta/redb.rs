@@ -264,6 +264,50 @@ impl MetaStore for RedbStore {
         .await
     }
 
+    async fn adopt_blobs(
+        &self,
+        repo: &str,
+        blobs: &[(Digest, BlobRecord)],
+    ) -> MetaResult<Vec<Linked>> {
+        let repo = repo.to_owned();
+        let adopted = blobs.to_vec();
+        self.write("adopt_blobs", move |txn| {
+            let mut index = wtable(txn, BLOBS)?;
+            let mut links = wtable(txn, REPO_BLOBS)?;
+            let mut out = Vec::with_capacity(adopted.len());
+            for (digest, record) in &adopted {
+                let existing = index
+                    .get(digest.as_str())
+                    .map_err(ctx("get blob"))?
+                    .map(|g| {
+                        let (size, key) = g.value();
+                        BlobRecord {
+                            key: key.to_owned(),
+                            size,
+                        }
+                    });
+                out.push(match existing {
+                    Some(existing) => Linked::Existing(existing),
+                    None => {
+                        index
+                            .insert(digest.as_str(), (record.size, record.key.as_str()))
+                            .map_err(ctx("insert blob"))?;
+                        Linked::New
+                    }
+                });
+                links
+                    .insert((repo.as_str(), digest.as_str()), ())
+                    .map_err(ctx("insert link"))?;
+            }
+            let mut repos = wtable(txn, REPOSITORIES)?;
+            repos
+                .insert(repo.as_str(), ())
+                .map_err(ctx("insert repository"))?;
+            Ok(Outcome::Commit(out))
+        })
+        .await
+    }
+
     async fn unlink_blob(&self, repo: &str, digest: &Digest) -> MetaResult<bool> {
         let repo = repo.to_owned();
         let digest = digest.clone();
@@ -728,6 +772,37 @@ mod tests {
         assert_eq!(s.upload("x").await.unwrap(), None);
         assert!(s.pending("x").await.unwrap().is_empty());
         assert!(s.idle_uploads(u64::MAX).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn adopt_blobs_keeps_existing_records_and_links_all() {
+        let (_dir, s) = store();
+        let (a, b) = (digest(1), digest(2));
+        s.adopt_blobs("old/app", &[(a.clone(), blob("docker/a/data", 10))])
+            .await
+            .unwrap();
+        let linked = s
+            .adopt_blobs(
+                "new/app",
+                &[
+                    (a.clone(), blob("docker/a-again/data", 10)),
+                    (b.clone(), blob("docker/b/data", 20)),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            linked,
+            vec![Linked::Existing(blob("docker/a/data", 10)), Linked::New]
+        );
+        assert_eq!(s.blob(&a).await.unwrap(), Some(blob("docker/a/data", 10)));
+        assert_eq!(
+            s.repo_blob("new/app", &b).await.unwrap(),
+            Some(blob("docker/b/data", 20))
+        );
+        assert_eq!(s.repo_blob("old/app", &b).await.unwrap(), None);
+        assert!(s.repository_exists("new/app").await.unwrap());
+        assert_eq!(s.adopt_blobs("new/app", &[]).await.unwrap(), vec![]);
     }
 
     #[tokio::test]

@@ -417,6 +417,47 @@ struct InitiateXml {
     upload_id: String,
 }
 
+#[derive(Deserialize)]
+struct ListBucketResultXml {
+    #[serde(rename = "Contents", default)]
+    contents: Vec<ContentsXml>,
+    #[serde(rename = "IsTruncated", default)]
+    is_truncated: bool,
+    #[serde(rename = "NextContinuationToken", default)]
+    next_continuation_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ContentsXml {
+    #[serde(rename = "Key")]
+    key: String,
+    #[serde(rename = "Size", default)]
+    size: u64,
+    #[serde(rename = "LastModified", default)]
+    last_modified: String,
+}
+
+/// A ListObjectsV2 result page: its objects and the continuation token, if there is more.
+pub fn parse_list_page(body: &[u8]) -> Option<super::ListPage> {
+    let text = std::str::from_utf8(body).ok()?;
+    let r: ListBucketResultXml = quick_xml::de::from_str(text).ok()?;
+    let next = r
+        .next_continuation_token
+        .filter(|t| r.is_truncated && !t.is_empty());
+    Some(super::ListPage {
+        objects: r
+            .contents
+            .into_iter()
+            .map(|c| super::ObjectInfo {
+                key: c.key,
+                size: c.size,
+                last_modified: c.last_modified,
+            })
+            .collect(),
+        next,
+    })
+}
+
 /// UploadId of an InitiateMultipartUploadResult.
 pub fn parse_upload_id(body: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(body).ok()?;
@@ -472,6 +513,25 @@ mod tests {
         let (code, message) = parse_error(b"<html>bad gateway</html>");
         assert_eq!(code, "");
         assert!(message.contains("bad gateway"));
+    }
+
+    #[test]
+    fn parses_list_pages() {
+        let body = br#"<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>registry</Name>
+<Prefix>docker/</Prefix><KeyCount>2</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>true</IsTruncated>
+<Contents><Key>docker/a &amp; b</Key><LastModified>2026-12-02T10:00:00.000Z</LastModified><Size>71</Size></Contents>
+<Contents><Key>docker/c</Key><Size>0</Size></Contents>
+<NextContinuationToken>tok/1=</NextContinuationToken></ListBucketResult>"#;
+        let page = parse_list_page(body).unwrap();
+        assert_eq!(page.objects.len(), 2);
+        assert_eq!(page.objects[0].key, "docker/a & b");
+        assert_eq!(page.objects[0].size, 71);
+        assert_eq!(page.objects[0].last_modified, "2026-12-02T10:00:00.000Z");
+        assert_eq!(page.next.as_deref(), Some("tok/1="));
+        let last = br#"<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>"#;
+        let page = parse_list_page(last).unwrap();
+        assert!(page.objects.is_empty() && page.next.is_none());
     }
 
     #[test]

@@ -67,6 +67,24 @@ pub struct Presigned {
     pub path_and_query: String,
 }
 
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Full object key (prefix included).
+    pub key: String,
+    pub size: u64,
+    /// As the store sent it (ISO 8601).
+    pub last_modified: String,
+}
+
+/// A page of [`ObjectStore::list_objects`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListPage {
+    pub objects: Vec<ObjectInfo>,
+    /// Continuation token for the next page; None on the last page.
+    pub next: Option<String>,
+}
+
 /// An object being read: see [`ObjectStore::get_stream`].
 pub struct ObjectStream {
     response: reqwest::Response,
@@ -404,6 +422,46 @@ impl ObjectStore {
                 Err(StorageError::Failed { code, .. }) if code == "NoSuchUpload" => Ok(()),
                 Err(e) => Err(e),
             }
+        })
+        .await
+    }
+
+    /// ListObjectsV2: up to 1,000 keys starting with `prefix` (full keys: berth's own
+    /// `storage.prefix` is not added), in key order, from `continuation_token` on. One request.
+    pub async fn list_objects(
+        &self,
+        prefix: &str,
+        continuation_token: Option<&str>,
+    ) -> Result<ListPage, StorageError> {
+        timed(StoreOp::ListObjectsV2, async {
+            let mut query = vec![("list-type", "2"), ("prefix", prefix)];
+            if let Some(token) = continuation_token {
+                query.push(("continuation-token", token));
+            }
+            let r = self
+                .sender
+                .send(Method::GET, None, &query, SendBody::Empty)
+                .await?;
+            client::parse_list_page(&r.body).ok_or_else(|| StorageError::Failed {
+                status: r.status.as_u16(),
+                code: "MalformedResponse".into(),
+                message: format!(
+                    "not a ListObjectsV2 result: {}",
+                    String::from_utf8_lossy(&r.body[..r.body.len().min(200)])
+                ),
+            })
+        })
+        .await
+    }
+
+    /// GetObject into memory, for small objects (manifests, link files). One request (plus
+    /// retries).
+    pub async fn get_object(&self, key: &str) -> Result<Bytes, StorageError> {
+        timed(StoreOp::GetObject, async {
+            self.sender
+                .send(Method::GET, Some(key), &[], SendBody::Empty)
+                .await
+                .map(|r| r.body)
         })
         .await
     }

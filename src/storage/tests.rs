@@ -518,6 +518,43 @@ async fn delete_object_and_missing_keys_are_ok() {
     store.delete_object(&key).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_objects_by_prefix_and_get_object_reads_whole() {
+    let env = Env::start();
+    let store = env.store();
+    for key in ["docker/a/link", "docker/b/c/data", "other/x"] {
+        store
+            .put_object(key, ObjectBody::Bytes(Bytes::from(key.as_bytes().to_vec())))
+            .await
+            .unwrap();
+    }
+    let before = env.count();
+    let page = store.list_objects("docker/", None).await.unwrap();
+    assert_eq!(env.count() - before, 1);
+    let keys: Vec<(&str, u64)> = page
+        .objects
+        .iter()
+        .map(|o| (o.key.as_str(), o.size))
+        .collect();
+    assert_eq!(keys, vec![("docker/a/link", 13), ("docker/b/c/data", 15)]);
+    assert!(page.next.is_none());
+    assert!(page.objects.iter().all(|o| !o.last_modified.is_empty()));
+    assert!(store
+        .list_objects("none/", None)
+        .await
+        .unwrap()
+        .objects
+        .is_empty());
+    assert_eq!(
+        &store.get_object("docker/b/c/data").await.unwrap()[..],
+        b"docker/b/c/data"
+    );
+    match store.get_object("docker/missing").await {
+        Err(StorageError::Failed { status: 404, .. }) => {}
+        other => panic!("missing key: {other:?}"),
+    }
+}
+
 /// A multipart upload survives a restart of the embedded S3 (a second server on the same root:
 /// a fresh s3s-fs instance with no memory of the first) if the access key stays the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
