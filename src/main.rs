@@ -32,6 +32,15 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Build a fresh metadata store (data_dir/meta.redb, which must not exist or be empty) from
+    /// the bucket alone: the verified blobs and the journal.
+    Recover {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Directory for the metadata store; overrides `data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Load and validate the config, print it (secrets redacted), and exit.
     CheckConfig {
         #[arg(long, short)]
@@ -52,6 +61,28 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("berth: {e}");
                     ExitCode::from(2)
+                }
+            }
+        }
+        Command::Recover { config, data_dir } => {
+            let overrides = Overrides {
+                listen: None,
+                data_dir,
+            };
+            let config = match Config::load(config.as_deref(), &overrides) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("berth: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(&config.log_level);
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            match berth::recover::run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("berth: recover: {e}");
+                    ExitCode::from(1)
                 }
             }
         }

@@ -199,11 +199,13 @@ pub enum StoreOp {
     CompleteMultipart,
     AbortMultipart,
     DeleteObject,
-    /// A proxied blob GET (timed until the response headers arrive).
+    /// A proxied blob GET (timed until the response headers arrive), or a small object read
+    /// into memory (journal records).
     GetObject,
+    ListObjects,
 }
 
-const STORE_OPS: [&str; 8] = [
+const STORE_OPS: [&str; 9] = [
     "HeadBucket",
     "PutObject",
     "CreateMultipartUpload",
@@ -212,6 +214,7 @@ const STORE_OPS: [&str; 8] = [
     "AbortMultipartUpload",
     "DeleteObject",
     "GetObject",
+    "ListObjectsV2",
 ];
 
 pub struct StoreMetrics {

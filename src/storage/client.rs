@@ -9,7 +9,7 @@ use http::{HeaderMap, Method, StatusCode};
 use serde::Deserialize;
 
 use super::sigv4::Signer;
-use super::{ObjectBody, StorageError};
+use super::{ListPage, ObjectBody, ObjectInfo, StorageError};
 
 /// How internal requests are presigned: long enough for a slow part upload to start.
 const REQUEST_TTL: Duration = Duration::from_secs(15 * 60);
@@ -426,6 +426,49 @@ pub fn parse_upload_id(body: &[u8]) -> Option<String> {
         .filter(|id| !id.is_empty())
 }
 
+#[derive(Deserialize)]
+struct ListXml {
+    #[serde(rename = "Contents", default)]
+    contents: Vec<ContentsXml>,
+    #[serde(rename = "IsTruncated", default)]
+    is_truncated: bool,
+    #[serde(rename = "NextContinuationToken", default)]
+    next_continuation_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ContentsXml {
+    #[serde(rename = "Key")]
+    key: String,
+    #[serde(rename = "Size", default)]
+    size: u64,
+    #[serde(rename = "LastModified", default)]
+    last_modified: String,
+}
+
+/// A ListBucketResult (ListObjectsV2) page.
+pub fn parse_list(body: &[u8]) -> Option<ListPage> {
+    let text = std::str::from_utf8(body).ok()?;
+    if root_element(body) != Some("ListBucketResult") {
+        return None;
+    }
+    let l: ListXml = quick_xml::de::from_str(text).ok()?;
+    Some(ListPage {
+        objects: l
+            .contents
+            .into_iter()
+            .map(|c| ObjectInfo {
+                key: c.key,
+                size: c.size,
+                last_modified: c.last_modified,
+            })
+            .collect(),
+        next: l
+            .next_continuation_token
+            .filter(|t| l.is_truncated && !t.is_empty()),
+    })
+}
+
 /// The CompleteMultipartUpload request document.
 pub fn complete_body(parts: &[(u32, String)]) -> String {
     let mut s = String::with_capacity(100 + parts.len() * 90);
@@ -484,6 +527,22 @@ mod tests {
         );
         assert_eq!(root_element(body), Some("InitiateMultipartUploadResult"));
         assert_eq!(parse_upload_id(b"<Error><Code>x</Code></Error>"), None);
+    }
+
+    #[test]
+    fn parses_list_pages() {
+        let body = br#"<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name><Prefix>p/</Prefix><KeyCount>2</KeyCount><MaxKeys>2</MaxKeys><IsTruncated>true</IsTruncated><Contents><Key>p/a&amp;b</Key><LastModified>2026-12-02T16:20:00.000Z</LastModified><ETag>"x"</ETag><Size>12</Size><StorageClass>STANDARD</StorageClass></Contents><Contents><Key>p/c</Key><LastModified>2026-12-02T16:21:00.000Z</LastModified><Size>0</Size></Contents><NextContinuationToken>tok/en=</NextContinuationToken></ListBucketResult>"#;
+        let page = parse_list(body).unwrap();
+        assert_eq!(page.objects.len(), 2);
+        assert_eq!(page.objects[0].key, "p/a&b");
+        assert_eq!(page.objects[0].size, 12);
+        assert_eq!(page.objects[1].last_modified, "2026-12-02T16:21:00.000Z");
+        assert_eq!(page.next.as_deref(), Some("tok/en="));
+        let last = br#"<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>"#;
+        let page = parse_list(last).unwrap();
+        assert!(page.objects.is_empty() && page.next.is_none());
+        assert!(parse_list(b"<Error><Code>x</Code></Error>").is_none());
     }
 
     #[test]
