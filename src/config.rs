@@ -52,6 +52,7 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
+    pub journal: JournalConfig,
     /// Pull-through mirrors (`proxy:`), most specific prefix first at lookup.
     pub proxy: Vec<MirrorConfig>,
 }
@@ -78,6 +79,26 @@ impl fmt::Debug for MirrorConfig {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("ttl", &self.ttl)
             .finish()
+    }
+}
+
+/// `journal:`: the bucket journal (meta::journal), the bucket's record of every acknowledged
+/// metadata write.
+#[derive(Debug, Clone)]
+pub struct JournalConfig {
+    /// Off: nothing but blob bytes goes to the bucket, and the metadata store cannot be
+    /// rebuilt from it (for comparisons; not for production).
+    pub enabled: bool,
+    /// Journal records read at once when rebuilding or catching up.
+    pub rebuild_concurrency: usize,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig {
+            enabled: true,
+            rebuild_concurrency: 32,
+        }
     }
 }
 
@@ -231,6 +252,8 @@ struct RawConfig {
     upload: RawUpload,
     /// A list of mirrors, or distribution's single `proxy: {remoteurl: ...}`.
     proxy: Option<serde_yaml::Value>,
+    #[serde(default)]
+    journal: RawJournal,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -241,6 +264,13 @@ struct RawMirror {
     username: Option<serde_yaml::Value>,
     password: Option<serde_yaml::Value>,
     ttl: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJournal {
+    enabled: Option<serde_yaml::Value>,
+    rebuild_concurrency: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -523,6 +553,7 @@ impl Config {
             auth: auth_config(&r, raw.auth)?,
             limits: limits_config(&r, raw.limits)?,
             proxy: proxy_config(&r, raw.proxy)?,
+            journal: journal_config(&r, raw.journal)?,
         })
     }
 }
@@ -618,6 +649,24 @@ fn proxy_config(
         ));
     }
     Ok(out)
+}
+
+fn journal_config(r: &Resolver, raw: RawJournal) -> Result<JournalConfig, ConfigError> {
+    let d = JournalConfig::default();
+    let rebuild_concurrency = match r
+        .string("journal.rebuild_concurrency", raw.rebuild_concurrency)?
+    {
+        Some(n) => n
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1024).contains(n))
+            .ok_or_else(|| ConfigError::new("journal.rebuild_concurrency", "expected 1 to 1024"))?,
+        None => d.rebuild_concurrency,
+    };
+    Ok(JournalConfig {
+        enabled: r.bool("journal.enabled", raw.enabled)?.unwrap_or(d.enabled),
+        rebuild_concurrency,
+    })
 }
 
 fn required(key: &str, v: Option<String>) -> Result<String, ConfigError> {
@@ -900,6 +949,19 @@ mod tests {
         assert_eq!(c.upload.part_size, 8 << 20);
         assert_eq!(c.storage.blob_serving, BlobServing::Proxy);
         assert_eq!(c.storage.presign_ttl, Duration::from_secs(900));
+        assert!(c.journal.enabled);
+        assert_eq!(c.journal.rebuild_concurrency, 32);
+    }
+
+    #[test]
+    fn journal_section() {
+        let yaml = "journal:\n  enabled: false\n  rebuild_concurrency: 8\n";
+        let c = Config::from_yaml(yaml, &Overrides::default(), &no_env).unwrap();
+        assert!(!c.journal.enabled);
+        assert_eq!(c.journal.rebuild_concurrency, 8);
+        let yaml = "journal:\n  rebuild_concurrency: 0\n";
+        let e = Config::from_yaml(yaml, &Overrides::default(), &no_env).unwrap_err();
+        assert_eq!(e.key, "journal.rebuild_concurrency");
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //!   proxied blob GETs; the access log; the operations listener (`/metrics`, `/healthz`,
 //!   `/readyz`).
 //! - [`registry`]: what each operation means: names, manifests, uploads, errors.
-//! - [`meta`]: the [`meta::MetaStore`] trait, its embedded redb backend, and a timing decorator.
+//! - [`meta`]: the [`meta::MetaStore`] trait, its embedded redb backend, a timing decorator,
+//!   and the bucket journal (a decorator recording every acknowledged write in the bucket).
+//! - [`recover`]: `berth recover`, a metadata store rebuilt from the bucket alone.
 //! - [`storage`]: the S3 client (SigV4 presigning, multipart) and the embedded S3 endpoint.
 //! - [`config`]: the YAML config with `_env:NAME` values.
 //! - [`import`]: `berth import`, adopting a CNCF distribution registry's storage in place.
@@ -27,6 +29,7 @@ pub mod import;
 pub mod meta;
 pub mod metrics;
 pub mod mirror;
+pub mod recover;
 pub mod registry;
 pub mod server;
 pub mod storage;

@@ -32,6 +32,15 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Build a fresh metadata store (data_dir/meta.redb, which must not exist or be empty) from
+    /// the bucket alone: the verified blobs and the journal.
+    Recover {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Directory for the metadata store; overrides `data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Load and validate the config, print it (secrets redacted), and exit.
     CheckConfig {
         #[arg(long, short)]
@@ -85,24 +94,28 @@ fn main() -> ExitCode {
             root_directory,
             from_dir,
         } => {
-            let overrides = Overrides {
-                listen: None,
-                data_dir,
-            };
-            let config = match Config::load(config.as_deref(), &overrides) {
+            let config = match load_tool_config(config, data_dir) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("berth: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
-            init_logging(&config.log_level);
-            let _ = rustls::crypto::ring::default_provider().install_default();
             let from = match from_dir {
                 Some(dir) => berth::import::command::From::Dir(dir),
                 None => berth::import::command::From::Bucket { root_directory },
             };
             berth::import::command::run(config, from)
+        }
+        Command::Recover { config, data_dir } => {
+            let config = match load_tool_config(config, data_dir) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match berth::recover::run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("berth: recover: {e}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Command::Serve {
             config,
@@ -128,6 +141,24 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The config of a one-shot command (import, recover, ...), with logging and TLS set up.
+fn load_tool_config(
+    config: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+) -> Result<Config, ExitCode> {
+    let overrides = Overrides {
+        listen: None,
+        data_dir,
+    };
+    let config = Config::load(config.as_deref(), &overrides).map_err(|e| {
+        eprintln!("berth: {e}");
+        ExitCode::from(2)
+    })?;
+    init_logging(&config.log_level);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Ok(config)
 }
 
 /// `RUST_LOG` wins over the config's `log_level`.

@@ -15,7 +15,9 @@ use crate::http::access_log::AccessLog;
 use crate::http::ops::{OpsApp, Readiness, ReadinessProbe};
 use crate::http::service::BerthService;
 use crate::meta::instrumented::Instrumented;
+use crate::meta::journal::{self, Journal, Journaled, LogProgress, Replayer};
 use crate::meta::redb::RedbStore;
+use crate::meta::MetaStore;
 use crate::mirror::Mirrors;
 use crate::registry::{Registry, RegistrySettings};
 use crate::storage::embedded::{EmbeddedOptions, EmbeddedS3};
@@ -41,7 +43,34 @@ pub enum StartError {
 
 /// Resolves the storage settings (starting the embedded S3 endpoint when none is configured)
 /// and checks that the bucket is reachable.
-pub fn prepare(mut config: Config) -> Result<(Config, Arc<Registry>), StartError> {
+pub fn prepare(config: Config) -> Result<(Config, Arc<Registry>), StartError> {
+    let (config, rt, probe) = reach_storage(config)?;
+    let meta = RedbStore::open(&config.data_dir.join("meta.redb"))?;
+    let store = Arc::new(ObjectStore::new(&config.storage)?);
+    let meta: Arc<dyn MetaStore> = if config.journal.enabled {
+        rt.block_on(bring_up_to_date(&meta, &probe, &config))?;
+        let journal = Arc::new(Journal::new(store.clone()));
+        Arc::new(Instrumented::new(Journaled::new(meta, journal)))
+    } else {
+        log::warn!(
+            "journal.enabled is false: metadata is only in {}, the bucket cannot rebuild it",
+            config.data_dir.display()
+        );
+        Arc::new(Instrumented::new(meta))
+    };
+    drop(rt);
+    let registry = Registry::new(meta, store, RegistrySettings::from_config(&config))
+        .with_mirrors(Mirrors::from_config(&config.proxy).map_err(StartError::Mirror)?);
+    Ok((config, Arc::new(registry)))
+}
+
+/// Creates the data directory, starts the embedded S3 endpoint when the config names none,
+/// and checks the bucket. The check runs on a throwaway runtime with its own client (`probe`),
+/// so that no pooled connection outlives the runtime it was made on: start-up work in the
+/// bucket (catch-up, rebuild) runs on the same pair, which the caller drops before serving.
+pub fn reach_storage(
+    mut config: Config,
+) -> Result<(Config, tokio::runtime::Runtime, ObjectStore), StartError> {
     let dir_err = |cause| StartError::DataDir {
         path: config.data_dir.display().to_string(),
         cause,
@@ -60,6 +89,7 @@ pub fn prepare(mut config: Config) -> Result<(Config, Arc<Registry>), StartError
             access_key: EMBEDDED_ACCESS_KEY.to_string(),
             secret_key,
             request_counter: None,
+            refuse_writes: None,
         })
         .map_err(StartError::Embedded)?;
         log::info!("embedded object store on {}", s3.endpoint);
@@ -68,25 +98,60 @@ pub fn prepare(mut config: Config) -> Result<(Config, Arc<Registry>), StartError
         config.storage.secret_key = s3.secret_key;
     }
 
-    // The check runs on a throwaway runtime with its own client, so that no pooled connection
-    // outlives the runtime it was made on.
     let probe = ObjectStore::new(&config.storage)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(StartError::Embedded)?;
     rt.block_on(probe.check())?;
-    drop(rt);
+    Ok((config, rt, probe))
+}
 
-    let meta = RedbStore::open(&config.data_dir.join("meta.redb"))?;
-    let store = ObjectStore::new(&config.storage)?;
-    let registry = Registry::new(
-        Arc::new(Instrumented::new(meta)),
-        Arc::new(store),
-        RegistrySettings::from_config(&config),
-    )
-    .with_mirrors(Mirrors::from_config(&config.proxy).map_err(StartError::Mirror)?);
-    Ok((config, Arc::new(registry)))
+/// The journal at start: a store that never saw the journal is rebuilt from the bucket when
+/// the bucket has records (and says so in the log); any other store replays the records
+/// from its watermark on, which repairs a crash between a record and its local commit.
+async fn bring_up_to_date(
+    meta: &RedbStore,
+    store: &ObjectStore,
+    config: &Config,
+) -> Result<(), StartError> {
+    let replayer = Replayer {
+        store,
+        meta,
+        concurrency: config.journal.rebuild_concurrency,
+        progress: &LogProgress,
+    };
+    match meta.journal_watermark().await? {
+        Some(watermark) => {
+            let stats = replayer.catch_up(Some(&watermark)).await?;
+            if stats.total_records() > 0 {
+                log::info!("journal: caught up from the bucket after {watermark}: {stats}");
+            }
+        }
+        None if journal::bucket_has_records(store).await? => {
+            let fresh = journal::is_fresh(meta).await?;
+            log::info!(
+                "journal: the metadata store at {} has no journal watermark{} and bucket {:?} \
+                 has records: rebuilding it from the bucket",
+                config.data_dir.join("meta.redb").display(),
+                if fresh { " (it is empty)" } else { "" },
+                store.bucket(),
+            );
+            meta.begin_bulk();
+            let stats = replayer.rebuild().await;
+            meta.end_bulk().await?;
+            log::info!(
+                "journal: metadata store rebuilt from the bucket: {}",
+                stats?
+            );
+        }
+        None => {}
+    }
+    // Nothing of this process is in flight before the server starts: every record so far is
+    // applied. (Records other nodes are still committing are within CATCH_UP_MARGIN.)
+    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    meta.set_journal_watermark(&now).await?;
+    Ok(())
 }
 
 /// Runs the server until it is told to stop. Never returns.

@@ -200,4 +200,13 @@ impl<M: MetaStore> MetaStore for Instrumented<M> {
         let _t = self.timers.finish_upload.start_timer();
         self.inner.finish_upload(id, repo, digest, record).await
     }
+
+    // Not timed: the watermark is read at start and written in the background.
+    async fn journal_watermark(&self) -> MetaResult<Option<String>> {
+        self.inner.journal_watermark().await
+    }
+
+    async fn set_journal_watermark(&self, watermark: &str) -> MetaResult<()> {
+        self.inner.set_journal_watermark(watermark).await
+    }
 }

@@ -8,6 +8,7 @@
 //! Every method is one atomic transaction: a crash leaves either the old or the new state.
 
 pub mod instrumented;
+pub mod journal;
 pub mod redb;
 
 use async_trait::async_trait;
@@ -17,8 +18,14 @@ use serde::{Deserialize, Serialize};
 use crate::registry::names::Digest;
 
 #[derive(Debug, thiserror::Error)]
-#[error("metadata store: {0}")]
-pub struct MetaError(pub String);
+pub enum MetaError {
+    /// Anything that is not the store being away: a bug, a corrupt record (500).
+    #[error("metadata store: {0}")]
+    Failed(String),
+    /// The store cannot serve this now (disk full, database down): clients retry (503).
+    #[error("metadata store unavailable: {0}")]
+    Unavailable(String),
+}
 
 pub type MetaResult<T> = Result<T, MetaError>;
 
@@ -171,4 +178,11 @@ pub trait MetaStore: Send + Sync + 'static {
         digest: &Digest,
         record: BlobRecord,
     ) -> MetaResult<Linked>;
+
+    // ---- bucket journal (meta::journal) ----
+    /// The journal watermark: every bucket journal record whose key sorts at or before
+    /// `journal/<watermark>` has been applied to this store. None for a store that never
+    /// applied or wrote one (a fresh store).
+    async fn journal_watermark(&self) -> MetaResult<Option<String>>;
+    async fn set_journal_watermark(&self, watermark: &str) -> MetaResult<()>;
 }

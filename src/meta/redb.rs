@@ -16,6 +16,7 @@
 //! | `referrers`      | `(repo, subject, referrer digest)`   | descriptor JSON bytes                        |
 //! | `uploads`        | session id                           | [`UploadSession`] as JSON                    |
 //! | `upload_pending` | `(session id, chunk sequence u32)`   | chunk bytes                                  |
+//! | `journal`        | `"watermark"`                        | the bucket journal's watermark               |
 //!
 //! Digests are stored as their `sha256:<hex>` strings. The manifest body is stored raw, exactly
 //! as pushed, since it is served byte-exact. Pending upload bytes are kept as appended chunks
@@ -30,11 +31,12 @@
 use std::fmt::Display;
 use std::ops::Bound;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use ::redb::{
-    Database, Key, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, Table,
-    TableDefinition, TableHandle, Value, WriteTransaction,
+    Database, Durability, Key, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable,
+    Table, TableDefinition, TableHandle, Value, WriteTransaction,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -66,11 +68,15 @@ const REFERRERS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::n
 const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
 /// (session id, sequence) -> chunk
 const UPLOAD_PENDING: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("upload_pending");
+/// "watermark" -> the bucket journal's watermark (see [`MetaStore::journal_watermark`])
+const JOURNAL: TableDefinition<&str, &str> = TableDefinition::new("journal");
 
 /// The embedded metadata store. Cheap to clone (the database is shared).
 #[derive(Clone)]
 pub struct RedbStore {
     db: Arc<Database>,
+    /// Bulk loading (a rebuild from the bucket): commits skip the fsync until it ends.
+    bulk: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -88,11 +94,11 @@ enum Outcome<T> {
 
 /// Maps any redb (or other displayable) error to a [`MetaError`] with context.
 fn ctx<E: Display>(what: &'static str) -> impl FnOnce(E) -> MetaError {
-    move |e| MetaError(format!("{what}: {e}"))
+    move |e| MetaError::Failed(format!("{what}: {e}"))
 }
 
 fn corrupt(what: &str, detail: impl Display) -> MetaError {
-    MetaError(format!("corrupt record in {what}: {detail}"))
+    MetaError::Failed(format!("corrupt record in {what}: {detail}"))
 }
 
 fn parse_digest(table: &str, s: &str) -> MetaResult<Digest> {
@@ -112,7 +118,7 @@ fn wtable<'t, K: Key + 'static, V: Value + 'static>(
     def: TableDefinition<K, V>,
 ) -> MetaResult<Table<'t, K, V>> {
     txn.open_table(def)
-        .map_err(|e| MetaError(format!("open table {}: {e}", def.name())))
+        .map_err(|e| MetaError::Failed(format!("open table {}: {e}", def.name())))
 }
 
 fn rtable<K: Key + 'static, V: Value + 'static>(
@@ -120,7 +126,7 @@ fn rtable<K: Key + 'static, V: Value + 'static>(
     def: TableDefinition<K, V>,
 ) -> MetaResult<ReadOnlyTable<K, V>> {
     txn.open_table(def)
-        .map_err(|e| MetaError(format!("open table {}: {e}", def.name())))
+        .map_err(|e| MetaError::Failed(format!("open table {}: {e}", def.name())))
 }
 
 /// Removes all pending chunks of upload `id`.
@@ -152,7 +158,7 @@ impl RedbStore {
     /// missing table.
     pub fn open(path: &Path) -> MetaResult<RedbStore> {
         let db = Database::create(path)
-            .map_err(|e| MetaError(format!("open {}: {e}", path.display())))?;
+            .map_err(|e| MetaError::Failed(format!("open {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(ctx("create tables"))?;
         wtable(&txn, BLOBS)?;
         wtable(&txn, REPO_BLOBS)?;
@@ -162,8 +168,26 @@ impl RedbStore {
         wtable(&txn, REFERRERS)?;
         wtable(&txn, UPLOADS)?;
         wtable(&txn, UPLOAD_PENDING)?;
+        wtable(&txn, JOURNAL)?;
         txn.commit().map_err(ctx("create tables"))?;
-        Ok(RedbStore { db: Arc::new(db) })
+        Ok(RedbStore {
+            db: Arc::new(db),
+            bulk: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Bulk loading on: every commit until [`RedbStore::end_bulk`] skips its fsync (a rebuild
+    /// applies thousands of records; a crash in between leaves the store as it was before,
+    /// and the rebuild runs again).
+    pub fn begin_bulk(&self) {
+        self.bulk.store(true, Ordering::SeqCst);
+    }
+
+    /// Bulk loading off: one durable commit makes everything before it durable.
+    pub async fn end_bulk(&self) -> MetaResult<()> {
+        self.bulk.store(false, Ordering::SeqCst);
+        self.write("end bulk load", |_| Ok(Outcome::Commit(())))
+            .await
     }
 
     fn read(&self) -> MetaResult<ReadTransaction> {
@@ -178,8 +202,12 @@ impl RedbStore {
         F: FnOnce(&WriteTransaction) -> MetaResult<Outcome<T>> + Send + 'static,
     {
         let db = self.db.clone();
+        let bulk = self.bulk.load(Ordering::SeqCst);
         tokio::task::spawn_blocking(move || {
-            let txn = db.begin_write().map_err(ctx(what))?;
+            let mut txn = db.begin_write().map_err(ctx(what))?;
+            if bulk {
+                txn.set_durability(Durability::None).map_err(ctx(what))?;
+            }
             match f(&txn) {
                 Ok(Outcome::Commit(out)) => {
                     txn.commit().map_err(ctx(what))?;
@@ -192,12 +220,15 @@ impl RedbStore {
                 Err(e) => {
                     // The original error matters more than a failure to abort.
                     let _ = txn.abort();
-                    Err(MetaError(format!("{what}: {}", e.0)))
+                    Err(match e {
+                        MetaError::Failed(m) => MetaError::Failed(format!("{what}: {m}")),
+                        MetaError::Unavailable(m) => MetaError::Unavailable(format!("{what}: {m}")),
+                    })
                 }
             }
         })
         .await
-        .map_err(|e| MetaError(format!("{what}: write task failed: {e}")))?
+        .map_err(|e| MetaError::Failed(format!("{what}: write task failed: {e}")))?
     }
 }
 
@@ -612,7 +643,7 @@ impl MetaStore for RedbStore {
                     Some(entry) => {
                         let (k, _) = entry.map_err(ctx("scan pending"))?;
                         k.value().1.checked_add(1).ok_or_else(|| {
-                            MetaError(format!("upload {id}: too many pending chunks"))
+                            MetaError::Failed(format!("upload {id}: too many pending chunks"))
                         })?
                     }
                     None => 0,
@@ -698,6 +729,29 @@ impl MetaStore for RedbStore {
             let mut repos = wtable(txn, REPOSITORIES)?;
             repos.insert(repo, ()).map_err(ctx("insert repository"))?;
             Ok(Outcome::Commit(linked))
+        })
+        .await
+    }
+
+    // ---- bucket journal ----
+
+    async fn journal_watermark(&self) -> MetaResult<Option<String>> {
+        let txn = self.read()?;
+        let journal = rtable(&txn, JOURNAL)?;
+        Ok(journal
+            .get("watermark")
+            .map_err(ctx("journal_watermark"))?
+            .map(|g| g.value().to_owned()))
+    }
+
+    async fn set_journal_watermark(&self, watermark: &str) -> MetaResult<()> {
+        let watermark = watermark.to_owned();
+        self.write("set_journal_watermark", move |txn| {
+            let mut journal = wtable(txn, JOURNAL)?;
+            journal
+                .insert("watermark", watermark.as_str())
+                .map_err(ctx("set watermark"))?;
+            Ok(Outcome::Commit(()))
         })
         .await
     }

@@ -273,17 +273,20 @@ impl Registry {
             }
             return Err(e);
         }
-        self.link_finished(&session, digest, len).await
+        self.link_finished(&session, &session.key, digest, len)
+            .await
     }
 
+    /// Records the finished blob, its bytes at `key`.
     async fn link_finished(
         &self,
         session: &UploadSession,
+        key: &str,
         digest: &Digest,
         size: u64,
     ) -> RegistryResult<()> {
         let record = BlobRecord {
-            key: session.key.clone(),
+            key: key.to_owned(),
             size,
         };
         match self
@@ -292,10 +295,13 @@ impl Registry {
             .await?
         {
             Linked::New => Ok(()),
-            // Someone stored the same bytes first: this copy is redundant.
-            Linked::Existing(_) => {
-                if let Err(e) = self.store.delete_object(&session.key).await {
-                    log::warn!("could not delete redundant copy {}: {e}", session.key);
+            // Someone stored the same bytes first: this copy is redundant (unless it is the
+            // very object the index points to: the same verified key written twice).
+            Linked::Existing(existing) => {
+                if existing.key != key {
+                    if let Err(e) = self.store.delete_object(key).await {
+                        log::warn!("could not delete redundant copy {key}: {e}");
+                    }
                 }
                 Ok(())
             }
@@ -655,9 +661,13 @@ impl<'a> PartWriter<'a> {
             return Ok(());
         }
         let last = self.buf.split().freeze();
+        let mut key = key;
         match self.session.multipart_id.clone() {
             None => {
-                // Smaller than one part: a single PutObject.
+                // Smaller than one part: a single PutObject. The bytes are in memory and
+                // verified, so they go to their digest's key, which is itself the bucket's
+                // record of the blob (no journal record needed).
+                key = self.reg.store.verified_blob_key(digest, &self.session.repo);
                 self.reg
                     .store
                     .put_object(&key, ObjectBody::Bytes(last))
@@ -687,7 +697,7 @@ impl<'a> PartWriter<'a> {
             }
         }
         self.reg
-            .link_finished(&self.session, digest, self.received)
+            .link_finished(&self.session, &key, digest, self.received)
             .await
     }
 }

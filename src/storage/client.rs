@@ -9,7 +9,7 @@ use http::{HeaderMap, Method, StatusCode};
 use serde::Deserialize;
 
 use super::sigv4::Signer;
-use super::{ObjectBody, StorageError};
+use super::{ListPage, ObjectBody, ObjectInfo, StorageError};
 
 /// How internal requests are presigned: long enough for a slow part upload to start.
 const REQUEST_TTL: Duration = Duration::from_secs(15 * 60);
@@ -417,8 +417,17 @@ struct InitiateXml {
     upload_id: String,
 }
 
+/// UploadId of an InitiateMultipartUploadResult.
+pub fn parse_upload_id(body: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(body).ok()?;
+    quick_xml::de::from_str::<InitiateXml>(text)
+        .ok()
+        .map(|r| r.upload_id)
+        .filter(|id| !id.is_empty())
+}
+
 #[derive(Deserialize)]
-struct ListBucketResultXml {
+struct ListXml {
     #[serde(rename = "Contents", default)]
     contents: Vec<ContentsXml>,
     #[serde(rename = "IsTruncated", default)]
@@ -437,34 +446,27 @@ struct ContentsXml {
     last_modified: String,
 }
 
-/// A ListObjectsV2 result page: its objects and the continuation token, if there is more.
-pub fn parse_list_page(body: &[u8]) -> Option<super::ListPage> {
+/// A ListBucketResult (ListObjectsV2) page.
+pub fn parse_list(body: &[u8]) -> Option<ListPage> {
     let text = std::str::from_utf8(body).ok()?;
-    let r: ListBucketResultXml = quick_xml::de::from_str(text).ok()?;
-    let next = r
-        .next_continuation_token
-        .filter(|t| r.is_truncated && !t.is_empty());
-    Some(super::ListPage {
-        objects: r
+    if root_element(body) != Some("ListBucketResult") {
+        return None;
+    }
+    let l: ListXml = quick_xml::de::from_str(text).ok()?;
+    Some(ListPage {
+        objects: l
             .contents
             .into_iter()
-            .map(|c| super::ObjectInfo {
+            .map(|c| ObjectInfo {
                 key: c.key,
                 size: c.size,
                 last_modified: c.last_modified,
             })
             .collect(),
-        next,
+        next: l
+            .next_continuation_token
+            .filter(|t| l.is_truncated && !t.is_empty()),
     })
-}
-
-/// UploadId of an InitiateMultipartUploadResult.
-pub fn parse_upload_id(body: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(body).ok()?;
-    quick_xml::de::from_str::<InitiateXml>(text)
-        .ok()
-        .map(|r| r.upload_id)
-        .filter(|id| !id.is_empty())
 }
 
 /// The CompleteMultipartUpload request document.
@@ -516,25 +518,6 @@ mod tests {
     }
 
     #[test]
-    fn parses_list_pages() {
-        let body = br#"<?xml version="1.0" encoding="UTF-8"?>
-<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>registry</Name>
-<Prefix>docker/</Prefix><KeyCount>2</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>true</IsTruncated>
-<Contents><Key>docker/a &amp; b</Key><LastModified>2026-12-02T10:00:00.000Z</LastModified><Size>71</Size></Contents>
-<Contents><Key>docker/c</Key><Size>0</Size></Contents>
-<NextContinuationToken>tok/1=</NextContinuationToken></ListBucketResult>"#;
-        let page = parse_list_page(body).unwrap();
-        assert_eq!(page.objects.len(), 2);
-        assert_eq!(page.objects[0].key, "docker/a & b");
-        assert_eq!(page.objects[0].size, 71);
-        assert_eq!(page.objects[0].last_modified, "2026-12-02T10:00:00.000Z");
-        assert_eq!(page.next.as_deref(), Some("tok/1="));
-        let last = br#"<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>"#;
-        let page = parse_list_page(last).unwrap();
-        assert!(page.objects.is_empty() && page.next.is_none());
-    }
-
-    #[test]
     fn parses_upload_id_and_root() {
         let body = br#"<?xml version="1.0" encoding="UTF-8"?>
 <!-- c --><InitiateMultipartUploadResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Bucket>b</Bucket><Key>k</Key><UploadId>VXBsb2FkIElE.ZW-x_y</UploadId></InitiateMultipartUploadResult>"#;
@@ -544,6 +527,22 @@ mod tests {
         );
         assert_eq!(root_element(body), Some("InitiateMultipartUploadResult"));
         assert_eq!(parse_upload_id(b"<Error><Code>x</Code></Error>"), None);
+    }
+
+    #[test]
+    fn parses_list_pages() {
+        let body = br#"<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name><Prefix>p/</Prefix><KeyCount>2</KeyCount><MaxKeys>2</MaxKeys><IsTruncated>true</IsTruncated><Contents><Key>p/a&amp;b</Key><LastModified>2026-12-02T16:20:00.000Z</LastModified><ETag>"x"</ETag><Size>12</Size><StorageClass>STANDARD</StorageClass></Contents><Contents><Key>p/c</Key><LastModified>2026-12-02T16:21:00.000Z</LastModified><Size>0</Size></Contents><NextContinuationToken>tok/en=</NextContinuationToken></ListBucketResult>"#;
+        let page = parse_list(body).unwrap();
+        assert_eq!(page.objects.len(), 2);
+        assert_eq!(page.objects[0].key, "p/a&b");
+        assert_eq!(page.objects[0].size, 12);
+        assert_eq!(page.objects[1].last_modified, "2026-12-02T16:21:00.000Z");
+        assert_eq!(page.next.as_deref(), Some("tok/en="));
+        let last = br#"<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>"#;
+        let page = parse_list(last).unwrap();
+        assert!(page.objects.is_empty() && page.next.is_none());
+        assert!(parse_list(b"<Error><Code>x</Code></Error>").is_none());
     }
 
     #[test]

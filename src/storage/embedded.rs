@@ -8,10 +8,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rand::distr::{Alphanumeric, SampleString};
+use s3s::access::{S3Access, S3AccessContext};
 use s3s::auth::{S3Auth, SecretKey, SimpleAuth};
 use s3s::service::S3ServiceBuilder;
 use s3s::S3Result;
@@ -26,6 +27,9 @@ pub struct EmbeddedOptions {
     pub secret_key: String,
     /// Counts every S3 request served (tests and benchmarks read it).
     pub request_counter: Option<Arc<AtomicU64>>,
+    /// While true, every request that writes (PUT, POST, DELETE) is refused with 503
+    /// ServiceUnavailable (tests of a store that takes no writes).
+    pub refuse_writes: Option<Arc<AtomicBool>>,
 }
 
 pub struct EmbeddedS3 {
@@ -52,6 +56,9 @@ impl EmbeddedS3 {
                     counter,
                 }),
                 None => b.set_auth(auth),
+            }
+            if let Some(refuse) = opts.refuse_writes {
+                b.set_access(WriteSwitch { refuse });
             }
             b.build()
         };
@@ -137,5 +144,27 @@ impl S3Auth for CountingAuth {
     async fn get_secret_key(&self, access_key: &str) -> S3Result<SecretKey> {
         self.counter.fetch_add(1, Ordering::Relaxed);
         self.inner.get_secret_key(access_key).await
+    }
+}
+
+/// Refuses writes while `refuse` is set (see [`EmbeddedOptions::refuse_writes`]).
+struct WriteSwitch {
+    refuse: Arc<AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl S3Access for WriteSwitch {
+    async fn check(&self, cx: &mut S3AccessContext<'_>) -> S3Result<()> {
+        let writes = *cx.method() != http::Method::GET && *cx.method() != http::Method::HEAD;
+        if writes && self.refuse.load(Ordering::SeqCst) {
+            return Err(s3s::s3_error!(
+                ServiceUnavailable,
+                "writes are switched off"
+            ));
+        }
+        if cx.credentials().is_none() {
+            return Err(s3s::s3_error!(AccessDenied, "Signature is required"));
+        }
+        Ok(())
     }
 }

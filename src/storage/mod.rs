@@ -112,6 +112,9 @@ impl ObjectStream {
     }
 }
 
+/// Where verified blobs live, under the prefix: see [`ObjectStore::verified_blob_key`].
+pub const VERIFIED_BLOBS: &str = "blobs/sha256/";
+
 pub struct ObjectStore {
     sender: Sender,
     prefix: String,
@@ -281,6 +284,32 @@ impl ObjectStore {
         k
     }
 
+    /// Object key for blob bytes that were verified before they were written:
+    /// `<prefix>blobs/sha256/<hex>/<repo>`. The key itself records the blob (digest, the
+    /// repository that uploaded it, and its size in the listing), so it needs no journal record.
+    pub fn verified_blob_key(&self, digest: &crate::registry::names::Digest, repo: &str) -> String {
+        let mut k = String::with_capacity(self.prefix.len() + 80 + repo.len());
+        k.push_str(&self.prefix);
+        k.push_str(VERIFIED_BLOBS);
+        k.push_str(digest.hex());
+        k.push('/');
+        k.push_str(repo);
+        k
+    }
+
+    /// The configured key prefix (`storage.prefix`), ending in '/' unless empty.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `<prefix><rel>`.
+    pub fn key(&self, rel: &str) -> String {
+        let mut k = String::with_capacity(self.prefix.len() + rel.len());
+        k.push_str(&self.prefix);
+        k.push_str(rel);
+        k
+    }
+
     /// Presigned URL for `method` on `key` (no request is made).
     pub fn presign(&self, method: &http::Method, key: &str, ttl: Duration) -> Presigned {
         self.sender.signer.presign(method, Some(key), &[], ttl)
@@ -325,6 +354,62 @@ impl ObjectStore {
                 .send(Method::PUT, Some(key), &[], body.into())
                 .await
                 .map(|_| ())
+        })
+        .await
+    }
+
+    /// GetObject of a small object, read whole into memory (journal records; never blob
+    /// bytes). A missing key is `Failed { status: 404 }`. One request (plus retries).
+    pub async fn get_object(&self, key: &str) -> Result<Bytes, StorageError> {
+        timed(StoreOp::GetObject, async {
+            self.sender
+                .send(Method::GET, Some(key), &[], SendBody::Empty)
+                .await
+                .map(|r| r.body)
+        })
+        .await
+    }
+
+    /// ListObjectsV2: up to 1,000 keys under `prefix` (full key prefix), in key order, from
+    /// `continuation` (the previous page's `next`). One request (plus retries).
+    pub async fn list_objects(
+        &self,
+        prefix: &str,
+        continuation: Option<&str>,
+    ) -> Result<ListPage, StorageError> {
+        self.list_objects_after(prefix, None, continuation).await
+    }
+
+    /// As [`ObjectStore::list_objects`], starting strictly after the key `start_after` (S3
+    /// ignores it once a continuation token is given).
+    pub async fn list_objects_after(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        continuation: Option<&str>,
+    ) -> Result<ListPage, StorageError> {
+        timed(StoreOp::ListObjectsV2, async {
+            let mut query: Vec<(&str, &str)> = vec![("list-type", "2")];
+            if !prefix.is_empty() {
+                query.push(("prefix", prefix));
+            }
+            if let Some(token) = continuation {
+                query.push(("continuation-token", token));
+            } else if let Some(after) = start_after {
+                query.push(("start-after", after));
+            }
+            let r = self
+                .sender
+                .send(Method::GET, None, &query, SendBody::Empty)
+                .await?;
+            client::parse_list(&r.body).ok_or_else(|| StorageError::Failed {
+                status: r.status.as_u16(),
+                code: "MalformedResponse".into(),
+                message: format!(
+                    "not a ListBucketResult: {}",
+                    String::from_utf8_lossy(&r.body[..r.body.len().min(200)])
+                ),
+            })
         })
         .await
     }
@@ -422,46 +507,6 @@ impl ObjectStore {
                 Err(StorageError::Failed { code, .. }) if code == "NoSuchUpload" => Ok(()),
                 Err(e) => Err(e),
             }
-        })
-        .await
-    }
-
-    /// ListObjectsV2: up to 1,000 keys starting with `prefix` (full keys: berth's own
-    /// `storage.prefix` is not added), in key order, from `continuation_token` on. One request.
-    pub async fn list_objects(
-        &self,
-        prefix: &str,
-        continuation_token: Option<&str>,
-    ) -> Result<ListPage, StorageError> {
-        timed(StoreOp::ListObjectsV2, async {
-            let mut query = vec![("list-type", "2"), ("prefix", prefix)];
-            if let Some(token) = continuation_token {
-                query.push(("continuation-token", token));
-            }
-            let r = self
-                .sender
-                .send(Method::GET, None, &query, SendBody::Empty)
-                .await?;
-            client::parse_list_page(&r.body).ok_or_else(|| StorageError::Failed {
-                status: r.status.as_u16(),
-                code: "MalformedResponse".into(),
-                message: format!(
-                    "not a ListObjectsV2 result: {}",
-                    String::from_utf8_lossy(&r.body[..r.body.len().min(200)])
-                ),
-            })
-        })
-        .await
-    }
-
-    /// GetObject into memory, for small objects (manifests, link files). One request (plus
-    /// retries).
-    pub async fn get_object(&self, key: &str) -> Result<Bytes, StorageError> {
-        timed(StoreOp::GetObject, async {
-            self.sender
-                .send(Method::GET, Some(key), &[], SendBody::Empty)
-                .await
-                .map(|r| r.body)
         })
         .await
     }

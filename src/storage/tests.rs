@@ -60,6 +60,7 @@ fn start_on(
         access_key: ak.into(),
         secret_key: sk.into(),
         request_counter: counter,
+        refuse_writes: None,
     })
     .unwrap()
 }

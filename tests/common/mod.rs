@@ -11,7 +11,7 @@ use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,12 +27,15 @@ pub struct S3Server {
     pub endpoint: String,
     pub requests: Arc<AtomicU64>,
     pub root: tempfile::TempDir,
+    /// While set, the server answers every write with 503 (see [`S3Server::refuse_writes`]).
+    writes_refused: Arc<AtomicBool>,
 }
 
 impl S3Server {
     pub fn start() -> S3Server {
         let root = tempfile::tempdir().unwrap();
         let requests = Arc::new(AtomicU64::new(0));
+        let writes_refused = Arc::new(AtomicBool::new(false));
         let s3 = EmbeddedS3::start(EmbeddedOptions {
             root: root.path().to_path_buf(),
             bucket: S3_BUCKET.into(),
@@ -40,13 +43,21 @@ impl S3Server {
             access_key: S3_ACCESS_KEY.into(),
             secret_key: S3_SECRET_KEY.into(),
             request_counter: Some(requests.clone()),
+            refuse_writes: Some(writes_refused.clone()),
         })
         .unwrap();
         S3Server {
             endpoint: s3.endpoint,
             requests,
             root,
+            writes_refused,
         }
+    }
+
+    /// From now on (until called with false) every PUT, POST and DELETE gets 503
+    /// ServiceUnavailable; reads still work.
+    pub fn refuse_writes(&self, refuse: bool) {
+        self.writes_refused.store(refuse, Ordering::SeqCst);
     }
 
     pub fn request_count(&self) -> u64 {
@@ -283,6 +294,39 @@ impl Berth {
             );
         }
         digest
+    }
+
+    /// The config file berth runs with.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// berth's data directory (`--data-dir`): meta.redb lives here.
+    pub fn data_path(&self) -> PathBuf {
+        self.data_dir.path().join("data")
+    }
+
+    /// Starts berth again (after [`Berth::kill`]) on the same port, config and data directory.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "berth is still running");
+        self.spawn();
+    }
+
+    /// Runs `berth recover` on this berth's config and data directory (berth must not be
+    /// running); returns its exit status and output (stdout, then stderr).
+    pub fn recover(&self) -> (std::process::ExitStatus, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("recover")
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--data-dir")
+            .arg(self.data_path())
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("run berth recover");
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status, text)
     }
 
     pub fn signal(&self, signal: i32) {

@@ -1,0 +1,976 @@
+//! The bucket journal: a [`MetaStore`] decorator that makes the bucket the durable record of
+//! every acknowledged metadata write, so that any node's metadata store can be rebuilt from
+//! the bucket alone.
+//!
+//! # What is recorded, and where
+//!
+//! For each mutating, acknowledged operation the record is written to the bucket FIRST, then
+//! the operation is delegated to the inner store; if the record cannot be written the call
+//! fails with [`MetaError::Unavailable`] (the client gets 503 + Retry-After) and the local
+//! commit does not happen. Reads, and upload sessions (open sessions may be lost), pass
+//! through untouched: a manifest GET makes no S3 request.
+//!
+//! - `<prefix>blobs/sha256/<hex>/<repo>`: bytes of a blob that berth verified before writing
+//!   them (a finish whose bytes were in memory, see `registry::upload`). The key itself is the
+//!   record: digest, uploading repository, and the size in the listing. No extra request.
+//! - `<prefix>journal/<time>-<node>-<seq>/<what>`: one small object per other write, never
+//!   overwritten (the node id is random per process, the sequence per node), listed in key
+//!   order = time order. `<what>` is for people (`aws s3 ls --recursive`); the body is the
+//!   record: one JSON line ([`Op`]), then for a manifest its body byte-exact.
+//!
+//! # Order
+//!
+//! Records and commits on the same tag, manifest or blob digest are serialized inside the
+//! node (striped locks), so the bucket's order is the store's order. Across nodes records are
+//! ordered by their time (clocks are assumed synchronized to well under a request).
+//!
+//! # Repair and rebuild
+//!
+//! The store keeps a watermark: every record with a time before it is applied. At start the
+//! store catches up by replaying the records from the watermark (less [`CATCH_UP_MARGIN`])
+//! on: a crash between a record and its commit is repaired. Replays are idempotent (every
+//! record sets or removes state). A fresh store is rebuilt from the verified blobs and the
+//! whole journal ([`rebuild`]).
+
+use std::collections::{BTreeMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    BlobRecord, Linked, ManifestRecord, MetaError, MetaResult, MetaStore, PendingChange, Referrer,
+    UploadSession,
+};
+use crate::registry::names::Digest;
+use crate::storage::{ObjectBody, ObjectStore, StorageError, VERIFIED_BLOBS};
+
+/// Journal records live under `<prefix>journal/`.
+pub const JOURNAL: &str = "journal/";
+/// Catch-up replays from this long before the watermark: records of other nodes written just
+/// before it may still have been committing, and clocks differ a little.
+pub const CATCH_UP_MARGIN: Duration = Duration::from_secs(60);
+/// Lock stripes for serializing record + commit.
+const STRIPES: usize = 64;
+/// Session id that no session has: a replayed link is a `finish_upload` without a session.
+const NO_SESSION: &str = "";
+
+/// One journal record (the first line of its object, as JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// The manifest body follows the JSON line.
+    PutManifest {
+        repo: String,
+        digest: String,
+        media_type: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subject: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tag: Option<String>,
+        /// The referrers-index descriptor (JSON text) when the manifest has a subject.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        referrer: Option<String>,
+    },
+    DeleteManifest {
+        repo: String,
+        digest: String,
+    },
+    DeleteTag {
+        repo: String,
+        tag: String,
+    },
+    /// `repo` links `digest`, whose bytes are at `key` (the index keeps the first key it saw).
+    Link {
+        repo: String,
+        digest: String,
+        key: String,
+        size: u64,
+    },
+    Unlink {
+        repo: String,
+        digest: String,
+    },
+    /// `berth import`: `repo` adopts blobs whose bytes already lie at `key` (another
+    /// registry's objects), all in one record.
+    Adopt {
+        repo: String,
+        blobs: Vec<AdoptedBlob>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdoptedBlob {
+    pub digest: String,
+    pub key: String,
+    pub size: u64,
+}
+
+impl Op {
+    /// The record's object body: the JSON line, then `payload`.
+    pub fn encode(&self, payload: &[u8]) -> Bytes {
+        let mut out = serde_json::to_vec(self).expect("journal op serializes");
+        out.reserve(1 + payload.len());
+        out.push(b'\n');
+        out.extend_from_slice(payload);
+        Bytes::from(out)
+    }
+
+    pub fn decode(body: &Bytes) -> Result<(Op, Bytes), String> {
+        let nl = body
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or("no JSON line")?;
+        let op = serde_json::from_slice(&body[..nl]).map_err(|e| e.to_string())?;
+        Ok((op, body.slice(nl + 1..)))
+    }
+
+    /// The human part of the record's key.
+    fn describe(&self) -> String {
+        match self {
+            Op::PutManifest {
+                repo,
+                digest,
+                tag: Some(tag),
+                ..
+            } => format!("manifest/{repo}:{tag}@{digest}"),
+            Op::PutManifest { repo, digest, .. } => format!("manifest/{repo}@{digest}"),
+            Op::DeleteManifest { repo, digest } => format!("delete-manifest/{repo}@{digest}"),
+            Op::DeleteTag { repo, tag } => format!("delete-tag/{repo}:{tag}"),
+            Op::Link { repo, digest, .. } => format!("link/{repo}@{digest}"),
+            Op::Unlink { repo, digest } => format!("unlink/{repo}@{digest}"),
+            Op::Adopt { repo, blobs } => format!("adopt/{repo}+{}", blobs.len()),
+        }
+    }
+}
+
+fn failed(what: impl std::fmt::Display) -> MetaError {
+    MetaError::Failed(format!("journal: {what}"))
+}
+
+fn digest(s: &str) -> MetaResult<Digest> {
+    Digest::parse(s).ok_or_else(|| failed(format!("record names an invalid digest {s:?}")))
+}
+
+/// `2026-12-02T16:21:50.123Z`: fixed width, so keys sort in time order.
+fn format_time(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn parse_time(s: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339(s).ok()
+}
+
+/// The time part of a journal key (`<prefix>journal/<time>-...`).
+fn key_time<'k>(prefix: &str, key: &'k str) -> Option<&'k str> {
+    let rest = key.strip_prefix(prefix)?.strip_prefix(JOURNAL)?;
+    rest.get(..24)
+}
+
+/// Writes records: the node's identity, its clock and sequence, the locks, and what is in
+/// flight (for the watermark).
+pub struct Journal {
+    store: Arc<ObjectStore>,
+    /// Random per process: keys of two processes never collide.
+    node: String,
+    clock: Mutex<Clock>,
+    stripes: Vec<tokio::sync::Mutex<()>>,
+    /// Times of records written (or being written) whose local commit has not succeeded,
+    /// with their count. A failed commit stays here until the process ends, so the
+    /// watermark never passes it and the next start replays it.
+    in_flight: Mutex<BTreeMap<String, u32>>,
+    records: AtomicU64,
+}
+
+struct Clock {
+    last_ms: u64,
+    seq: u64,
+}
+
+/// A record in flight: [`Ticket::committed`] once the local commit succeeded.
+struct Ticket<'j> {
+    journal: &'j Journal,
+    time: String,
+}
+
+impl Ticket<'_> {
+    fn committed(self) {
+        let mut in_flight = self.journal.in_flight.lock().expect("in_flight poisoned");
+        if let Some(n) = in_flight.get_mut(&self.time) {
+            *n -= 1;
+            if *n == 0 {
+                in_flight.remove(&self.time);
+            }
+        }
+    }
+}
+
+impl Journal {
+    pub fn new(store: Arc<ObjectStore>) -> Journal {
+        Journal {
+            store,
+            node: format!("{:08x}", rand::random::<u32>()),
+            clock: Mutex::new(Clock { last_ms: 0, seq: 0 }),
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            in_flight: Mutex::new(BTreeMap::new()),
+            records: AtomicU64::new(0),
+        }
+    }
+
+    /// Records written by this process.
+    pub fn records_written(&self) -> u64 {
+        self.records.load(Ordering::Relaxed)
+    }
+
+    /// A watermark that is safe to store now: before every record still in flight, else now.
+    pub fn safe_watermark(&self) -> String {
+        let in_flight = self.in_flight.lock().expect("in_flight poisoned");
+        match in_flight.keys().next() {
+            Some(oldest) => oldest.clone(),
+            None => format_time(SystemTime::now()),
+        }
+    }
+
+    /// Holds the stripes of `items` (sorted, so two callers never deadlock).
+    async fn lock(&self, items: &[(&str, &str, &str)]) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let mut idx: Vec<usize> = items
+            .iter()
+            .map(|item| {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                item.hash(&mut h);
+                (h.finish() % STRIPES as u64) as usize
+            })
+            .collect();
+        idx.sort_unstable();
+        idx.dedup();
+        let mut guards = Vec::with_capacity(idx.len());
+        for i in idx {
+            guards.push(self.stripes[i].lock().await);
+        }
+        guards
+    }
+
+    /// Writes the record; the caller commits locally only if this succeeded.
+    async fn write(&self, op: &Op, payload: &[u8]) -> MetaResult<Ticket<'_>> {
+        let (time, seq) = {
+            let mut c = self.clock.lock().expect("clock poisoned");
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            // Never backwards, so that this node's records stay in order.
+            c.last_ms = c.last_ms.max(now);
+            c.seq += 1;
+            let time = format_time(UNIX_EPOCH + Duration::from_millis(c.last_ms));
+            *self
+                .in_flight
+                .lock()
+                .expect("in_flight poisoned")
+                .entry(time.clone())
+                .or_insert(0) += 1;
+            (time, c.seq)
+        };
+        let key = self.store.key(&format!(
+            "{JOURNAL}{time}-{}-{seq:08}/{}",
+            self.node,
+            op.describe()
+        ));
+        match self
+            .store
+            .put_object(&key, ObjectBody::Bytes(op.encode(payload)))
+            .await
+        {
+            Ok(()) => {
+                self.records.fetch_add(1, Ordering::Relaxed);
+                Ok(Ticket {
+                    journal: self,
+                    time,
+                })
+            }
+            // The record may have been stored all the same (a timeout after the write): its
+            // time stays in flight, so the next start replays it if it exists.
+            Err(e) => Err(MetaError::Unavailable(format!(
+                "journal record {key} not written: {e}"
+            ))),
+        }
+    }
+}
+
+/// How often the decorator stores the watermark (a start replays at most the records since).
+const WATERMARK_EVERY: Duration = Duration::from_secs(10);
+
+/// The decorator: see the module documentation.
+pub struct Journaled<M> {
+    inner: M,
+    journal: Arc<Journal>,
+    /// When the watermark was last stored.
+    watermark_stored: Mutex<Instant>,
+}
+
+impl<M: MetaStore> Journaled<M> {
+    pub fn new(inner: M, journal: Arc<Journal>) -> Self {
+        Journaled {
+            inner,
+            journal,
+            watermark_stored: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// The record's local commit succeeded; now and then the watermark moves up (one small
+    /// write every [`WATERMARK_EVERY`] at most, only while records are written).
+    async fn committed(&self, ticket: Ticket<'_>) {
+        ticket.committed();
+        {
+            let mut at = self.watermark_stored.lock().expect("watermark poisoned");
+            if at.elapsed() < WATERMARK_EVERY {
+                return;
+            }
+            *at = Instant::now();
+        }
+        let watermark = self.journal.safe_watermark();
+        if let Err(e) = self.inner.set_journal_watermark(&watermark).await {
+            log::warn!("journal: storing the watermark {watermark}: {e}");
+        }
+    }
+
+    /// Whether `record` is a blob at its verified key (the key is the record).
+    fn is_verified_key(&self, repo: &str, digest: &Digest, record: &BlobRecord) -> bool {
+        record.key == self.journal.store.verified_blob_key(digest, repo)
+    }
+}
+
+#[async_trait]
+impl<M: MetaStore> MetaStore for Journaled<M> {
+    async fn blob(&self, digest: &Digest) -> MetaResult<Option<BlobRecord>> {
+        self.inner.blob(digest).await
+    }
+
+    async fn repo_blob(&self, repo: &str, digest: &Digest) -> MetaResult<Option<BlobRecord>> {
+        self.inner.repo_blob(repo, digest).await
+    }
+
+    async fn link_blob(&self, repo: &str, digest: &Digest) -> MetaResult<bool> {
+        let _g = self.journal.lock(&[("blob", digest.as_str(), "")]).await;
+        let Some(blob) = self.inner.blob(digest).await? else {
+            return Ok(false);
+        };
+        if self.inner.repo_blob(repo, digest).await?.is_some() {
+            // Already linked: nothing changes that the bucket does not already say.
+            return self.inner.link_blob(repo, digest).await;
+        }
+        let op = Op::Link {
+            repo: repo.to_owned(),
+            digest: digest.to_string(),
+            key: blob.key,
+            size: blob.size,
+        };
+        let ticket = self.journal.write(&op, &[]).await?;
+        let out = self.inner.link_blob(repo, digest).await?;
+        self.committed(ticket).await;
+        Ok(out)
+    }
+
+    async fn unlink_blob(&self, repo: &str, digest: &Digest) -> MetaResult<bool> {
+        let _g = self.journal.lock(&[("blob", digest.as_str(), "")]).await;
+        if self.inner.repo_blob(repo, digest).await?.is_none() {
+            return Ok(false);
+        }
+        let op = Op::Unlink {
+            repo: repo.to_owned(),
+            digest: digest.to_string(),
+        };
+        let ticket = self.journal.write(&op, &[]).await?;
+        let out = self.inner.unlink_blob(repo, digest).await?;
+        self.committed(ticket).await;
+        Ok(out)
+    }
+
+    async fn put_manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        record: ManifestRecord,
+        tag: Option<&str>,
+        referrer: Option<Referrer>,
+    ) -> MetaResult<()> {
+        let mut items = vec![("manifest", repo, digest.as_str())];
+        if let Some(t) = tag {
+            items.push(("tag", repo, t));
+        }
+        let _g = self.journal.lock(&items).await;
+        // A re-push that changes nothing needs no record.
+        let unchanged = match tag {
+            Some(t) => self
+                .inner
+                .tagged_manifest(repo, t)
+                .await?
+                .is_some_and(|(d, r)| &d == digest && r == record),
+            None => self
+                .inner
+                .manifest(repo, digest)
+                .await?
+                .is_some_and(|r| r == record),
+        };
+        if unchanged {
+            return self
+                .inner
+                .put_manifest(repo, digest, record, tag, referrer)
+                .await;
+        }
+        let op = Op::PutManifest {
+            repo: repo.to_owned(),
+            digest: digest.to_string(),
+            media_type: record.media_type.clone(),
+            subject: record.subject.as_ref().map(Digest::to_string),
+            tag: tag.map(str::to_owned),
+            referrer: referrer
+                .as_ref()
+                .map(|r| String::from_utf8_lossy(&r.descriptor).into_owned()),
+        };
+        let ticket = self.journal.write(&op, &record.body).await?;
+        self.inner
+            .put_manifest(repo, digest, record, tag, referrer)
+            .await?;
+        self.committed(ticket).await;
+        Ok(())
+    }
+
+    async fn manifest(&self, repo: &str, digest: &Digest) -> MetaResult<Option<ManifestRecord>> {
+        self.inner.manifest(repo, digest).await
+    }
+
+    async fn tagged_manifest(
+        &self,
+        repo: &str,
+        tag: &str,
+    ) -> MetaResult<Option<(Digest, ManifestRecord)>> {
+        self.inner.tagged_manifest(repo, tag).await
+    }
+
+    async fn delete_manifest(&self, repo: &str, digest: &Digest) -> MetaResult<bool> {
+        let _g = self
+            .journal
+            .lock(&[("manifest", repo, digest.as_str())])
+            .await;
+        if self.inner.manifest(repo, digest).await?.is_none() {
+            return Ok(false);
+        }
+        let op = Op::DeleteManifest {
+            repo: repo.to_owned(),
+            digest: digest.to_string(),
+        };
+        let ticket = self.journal.write(&op, &[]).await?;
+        let out = self.inner.delete_manifest(repo, digest).await?;
+        self.committed(ticket).await;
+        Ok(out)
+    }
+
+    async fn delete_tag(&self, repo: &str, tag: &str) -> MetaResult<bool> {
+        let _g = self.journal.lock(&[("tag", repo, tag)]).await;
+        if self.inner.tagged_manifest(repo, tag).await?.is_none() {
+            return Ok(false);
+        }
+        let op = Op::DeleteTag {
+            repo: repo.to_owned(),
+            tag: tag.to_owned(),
+        };
+        let ticket = self.journal.write(&op, &[]).await?;
+        let out = self.inner.delete_tag(repo, tag).await?;
+        self.committed(ticket).await;
+        Ok(out)
+    }
+
+    async fn tags(&self, repo: &str, last: Option<&str>, limit: usize) -> MetaResult<Vec<String>> {
+        self.inner.tags(repo, last, limit).await
+    }
+
+    async fn repositories(&self, last: Option<&str>, limit: usize) -> MetaResult<Vec<String>> {
+        self.inner.repositories(last, limit).await
+    }
+
+    async fn repository_exists(&self, repo: &str) -> MetaResult<bool> {
+        self.inner.repository_exists(repo).await
+    }
+
+    async fn referrers(&self, repo: &str, subject: &Digest) -> MetaResult<Vec<Bytes>> {
+        self.inner.referrers(repo, subject).await
+    }
+
+    // ---- upload sessions: not journaled (open sessions may be lost) ----
+
+    async fn create_upload(&self, session: &UploadSession) -> MetaResult<()> {
+        self.inner.create_upload(session).await
+    }
+
+    async fn upload(&self, id: &str) -> MetaResult<Option<UploadSession>> {
+        self.inner.upload(id).await
+    }
+
+    async fn pending(&self, id: &str) -> MetaResult<Bytes> {
+        self.inner.pending(id).await
+    }
+
+    async fn save_upload(&self, session: &UploadSession, pending: PendingChange) -> MetaResult<()> {
+        self.inner.save_upload(session, pending).await
+    }
+
+    async fn delete_upload(&self, id: &str) -> MetaResult<bool> {
+        self.inner.delete_upload(id).await
+    }
+
+    async fn idle_uploads(&self, cutoff: u64) -> MetaResult<Vec<UploadSession>> {
+        self.inner.idle_uploads(cutoff).await
+    }
+
+    /// The blob record and the repository link are journaled; the session is not.
+    async fn finish_upload(
+        &self,
+        id: &str,
+        repo: &str,
+        digest: &Digest,
+        record: BlobRecord,
+    ) -> MetaResult<Linked> {
+        // By digest, across repositories: the first finish of a digest decides its key.
+        let _g = self.journal.lock(&[("blob", digest.as_str(), "")]).await;
+        let link = |key: String, size: u64| Op::Link {
+            repo: repo.to_owned(),
+            digest: digest.to_string(),
+            key,
+            size,
+        };
+        let existing = self.inner.blob(digest).await?;
+        let linked = self.inner.repo_blob(repo, digest).await?.is_some();
+        // The key the bucket states for this link once the record (if any) is written.
+        let (ticket, stated) = match existing {
+            // A new blob at its verified key: the object is the record.
+            None if self.is_verified_key(repo, digest, &record) => (None, record.key.clone()),
+            // A re-push: nothing changes that the bucket does not already say.
+            Some(e) if linked => (None, e.key),
+            other => {
+                let b = other.unwrap_or_else(|| record.clone());
+                let ticket = self
+                    .journal
+                    .write(&link(b.key.clone(), b.size), &[])
+                    .await?;
+                (Some(ticket), b.key)
+            }
+        };
+        let out = self.inner.finish_upload(id, repo, digest, record).await?;
+        if let Some(t) = ticket {
+            self.committed(t).await;
+        }
+        if let Linked::Existing(e) = &out {
+            if e.key != stated {
+                // Another node stored the digest first: the caller deletes this copy next, so
+                // the bucket must first say which key the link points to (on error the copy
+                // stays, and with it what the bucket said).
+                let t = self
+                    .journal
+                    .write(&link(e.key.clone(), e.size), &[])
+                    .await?;
+                self.committed(t).await;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn adopt_blobs(
+        &self,
+        repo: &str,
+        blobs: &[(Digest, BlobRecord)],
+    ) -> MetaResult<Vec<Linked>> {
+        if blobs.is_empty() {
+            return self.inner.adopt_blobs(repo, blobs).await;
+        }
+        let stripes: Vec<(&str, &str, &str)> = blobs
+            .iter()
+            .map(|(d, _)| ("blob", d.as_str(), ""))
+            .collect();
+        let _g = self.journal.lock(&stripes).await;
+        let op = Op::Adopt {
+            repo: repo.to_owned(),
+            blobs: blobs
+                .iter()
+                .map(|(d, r)| AdoptedBlob {
+                    digest: d.to_string(),
+                    key: r.key.clone(),
+                    size: r.size,
+                })
+                .collect(),
+        };
+        let ticket = self.journal.write(&op, &[]).await?;
+        let out = self.inner.adopt_blobs(repo, blobs).await?;
+        self.committed(ticket).await;
+        Ok(out)
+    }
+
+    async fn journal_watermark(&self) -> MetaResult<Option<String>> {
+        self.inner.journal_watermark().await
+    }
+
+    async fn set_journal_watermark(&self, watermark: &str) -> MetaResult<()> {
+        self.inner.set_journal_watermark(watermark).await
+    }
+}
+
+// ---- replay ----
+
+/// What a replay did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayStats {
+    /// Blobs at verified keys applied.
+    pub verified_blobs: u64,
+    /// Journal records applied, by operation.
+    pub records: BTreeMap<&'static str, u64>,
+    /// Time of the newest record applied (the next watermark).
+    pub newest: Option<String>,
+}
+
+impl ReplayStats {
+    pub fn total_records(&self) -> u64 {
+        self.records.values().sum()
+    }
+}
+
+impl std::fmt::Display for ReplayStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} verified blobs, {} journal records",
+            self.verified_blobs,
+            self.total_records()
+        )?;
+        if !self.records.is_empty() {
+            let parts: Vec<String> = self
+                .records
+                .iter()
+                .map(|(op, n)| format!("{op} {n}"))
+                .collect();
+            write!(f, " ({})", parts.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Progress of a long replay, for the operator.
+pub trait Progress: Send + Sync {
+    fn report(&self, line: &str);
+}
+
+/// Progress lines into the log.
+pub struct LogProgress;
+
+impl Progress for LogProgress {
+    fn report(&self, line: &str) {
+        log::info!("{line}");
+    }
+}
+
+/// Replays journal records and verified blobs into a store through its trait.
+pub struct Replayer<'a> {
+    pub store: &'a ObjectStore,
+    pub meta: &'a dyn MetaStore,
+    /// GetObject requests in flight.
+    pub concurrency: usize,
+    pub progress: &'a dyn Progress,
+}
+
+/// Links whose key is gone from the bucket (the loser of a race on a new digest, whose copy
+/// was deleted): the link is applied at the end, to whatever key the index then has.
+#[derive(Default)]
+struct DeferredLinks {
+    links: HashSet<(String, String)>,
+}
+
+impl Replayer<'_> {
+    /// The store is fresh: applies every verified blob, then the whole journal.
+    pub async fn rebuild(&self) -> MetaResult<ReplayStats> {
+        let started = Instant::now();
+        let mut stats = ReplayStats::default();
+        let blobs_prefix = self.store.key("blobs/");
+        let all_blobs = self.list_all(&blobs_prefix, None).await?;
+        let existing: HashSet<&str> = all_blobs.iter().map(|o| o.key.as_str()).collect();
+        self.progress.report(&format!(
+            "rebuild: {} blob objects in the bucket",
+            all_blobs.len()
+        ));
+        let verified_prefix = self.store.key(VERIFIED_BLOBS);
+        for o in &all_blobs {
+            let Some(rest) = o.key.strip_prefix(&verified_prefix) else {
+                continue;
+            };
+            let Some((hex, repo)) = rest.split_once('/') else {
+                continue;
+            };
+            let d = digest(&format!("sha256:{hex}"))?;
+            let record = BlobRecord {
+                key: o.key.clone(),
+                size: o.size,
+            };
+            self.meta
+                .finish_upload(NO_SESSION, repo, &d, record)
+                .await?;
+            stats.verified_blobs += 1;
+        }
+        self.progress.report(&format!(
+            "rebuild: {} verified blobs applied in {:.1?}",
+            stats.verified_blobs,
+            started.elapsed()
+        ));
+        self.replay_journal(None, Some(&existing), &mut stats)
+            .await?;
+        self.progress.report(&format!(
+            "rebuild: done in {:.1?}: {stats}",
+            started.elapsed()
+        ));
+        Ok(stats)
+    }
+
+    /// Replays the records from `watermark` (less [`CATCH_UP_MARGIN`]) on; everything when
+    /// None.
+    pub async fn catch_up(&self, watermark: Option<&str>) -> MetaResult<ReplayStats> {
+        let from = watermark.and_then(parse_time).map(|t| {
+            self.store
+                .key(&format!("{JOURNAL}{}", format_time(t - CATCH_UP_MARGIN)))
+        });
+        let mut stats = ReplayStats::default();
+        self.replay_journal(from.as_deref(), None, &mut stats)
+            .await?;
+        Ok(stats)
+    }
+
+    async fn list_all(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+    ) -> MetaResult<Vec<crate::storage::ObjectInfo>> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .list_objects_after(prefix, start_after, token.as_deref())
+                .await
+                .map_err(storage)?;
+            out.extend(page.objects);
+            match page.next {
+                Some(t) => token = Some(t),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// Applies the journal records after `start_after`, in key order. `blob_keys` (rebuild
+    /// only): the blob objects that exist, to defer links to deleted copies.
+    async fn replay_journal(
+        &self,
+        start_after: Option<&str>,
+        blob_keys: Option<&HashSet<&str>>,
+        stats: &mut ReplayStats,
+    ) -> MetaResult<()> {
+        let started = Instant::now();
+        let prefix = self.store.key(JOURNAL);
+        let keys = self.list_all(&prefix, start_after).await?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.progress.report(&format!(
+            "journal: {} records to replay{}",
+            keys.len(),
+            start_after.map_or(String::new(), |s| format!(" after {s}"))
+        ));
+        let store = self.store;
+        let mut bodies = futures_util::stream::iter(keys.iter().map(|o| async move {
+            store
+                .get_object(&o.key)
+                .await
+                .map(|b| (o.key.as_str(), b))
+                .map_err(storage)
+        }))
+        .buffered(self.concurrency.max(1));
+        let mut deferred = DeferredLinks::default();
+        let mut last_report = Instant::now();
+        let mut done = 0usize;
+        while let Some((key, body)) = bodies.try_next().await? {
+            let (op, payload) =
+                Op::decode(&body).map_err(|e| failed(format!("record {key}: {e}")))?;
+            let name = self.apply(op, payload, blob_keys, &mut deferred).await?;
+            *stats.records.entry(name).or_insert(0) += 1;
+            if let Some(t) = key_time(store.prefix(), key) {
+                stats.newest = Some(t.to_owned());
+            }
+            done += 1;
+            if last_report.elapsed() >= Duration::from_secs(1) {
+                last_report = Instant::now();
+                let rate = done as f64 / started.elapsed().as_secs_f64();
+                self.progress.report(&format!(
+                    "journal: {done}/{} records applied ({rate:.0}/s)",
+                    keys.len()
+                ));
+            }
+        }
+        for (repo, d) in deferred.links {
+            // False when no record with an existing key ever came: nothing to link.
+            self.meta.link_blob(&repo, &digest(&d)?).await?;
+        }
+        Ok(())
+    }
+
+    async fn apply(
+        &self,
+        op: Op,
+        payload: Bytes,
+        blob_keys: Option<&HashSet<&str>>,
+        deferred: &mut DeferredLinks,
+    ) -> MetaResult<&'static str> {
+        Ok(match op {
+            Op::PutManifest {
+                repo,
+                digest: d,
+                media_type,
+                subject,
+                tag,
+                referrer,
+            } => {
+                let d = digest(&d)?;
+                let subject = subject.as_deref().map(digest).transpose()?;
+                let referrer = match (&subject, referrer) {
+                    (Some(s), Some(desc)) => Some(Referrer {
+                        subject: s.clone(),
+                        descriptor: Bytes::from(desc),
+                    }),
+                    _ => None,
+                };
+                let record = ManifestRecord {
+                    media_type,
+                    body: payload,
+                    subject,
+                };
+                self.meta
+                    .put_manifest(&repo, &d, record, tag.as_deref(), referrer)
+                    .await?;
+                "put_manifest"
+            }
+            Op::DeleteManifest { repo, digest: d } => {
+                self.meta.delete_manifest(&repo, &digest(&d)?).await?;
+                "delete_manifest"
+            }
+            Op::DeleteTag { repo, tag } => {
+                self.meta.delete_tag(&repo, &tag).await?;
+                "delete_tag"
+            }
+            Op::Link {
+                repo,
+                digest: d,
+                key,
+                size,
+            } => {
+                if blob_keys.is_some_and(|k| !k.contains(key.as_str())) {
+                    deferred.links.insert((repo, d));
+                } else {
+                    deferred.links.remove(&(repo.clone(), d.clone()));
+                    let record = BlobRecord { key, size };
+                    self.meta
+                        .finish_upload(NO_SESSION, &repo, &digest(&d)?, record)
+                        .await?;
+                }
+                "link"
+            }
+            Op::Unlink { repo, digest: d } => {
+                deferred.links.remove(&(repo.clone(), d.clone()));
+                self.meta.unlink_blob(&repo, &digest(&d)?).await?;
+                "unlink"
+            }
+            // Adopted objects lie outside berth's blob prefix: applied as recorded.
+            Op::Adopt { repo, blobs } => {
+                let blobs = blobs
+                    .into_iter()
+                    .map(|b| {
+                        Ok((
+                            digest(&b.digest)?,
+                            BlobRecord {
+                                key: b.key,
+                                size: b.size,
+                            },
+                        ))
+                    })
+                    .collect::<MetaResult<Vec<_>>>()?;
+                self.meta.adopt_blobs(&repo, &blobs).await?;
+                "adopt"
+            }
+        })
+    }
+}
+
+fn storage(e: StorageError) -> MetaError {
+    match e {
+        StorageError::Unreachable { .. } | StorageError::Unavailable { .. } => {
+            MetaError::Unavailable(format!("journal: {e}"))
+        }
+        e => failed(e),
+    }
+}
+
+/// Whether the bucket holds any record (a journal record or a verified blob): one or two
+/// ListObjectsV2 requests.
+pub async fn bucket_has_records(store: &ObjectStore) -> MetaResult<bool> {
+    for rel in [JOURNAL, VERIFIED_BLOBS] {
+        let page = store
+            .list_objects(&store.key(rel), None)
+            .await
+            .map_err(storage)?;
+        if !page.objects.is_empty() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Whether `meta` is a fresh store: no watermark and no repository.
+pub async fn is_fresh(meta: &dyn MetaStore) -> MetaResult<bool> {
+    Ok(meta.journal_watermark().await?.is_none() && meta.repositories(None, 1).await?.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trip_keeps_the_body_byte_exact() {
+        let op = Op::PutManifest {
+            repo: "a/b".into(),
+            digest: format!("sha256:{}", "a".repeat(64)),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            subject: None,
+            tag: Some("v1".into()),
+            referrer: None,
+        };
+        let body = b"{\n  \"schemaVersion\": 2\n}\n\n";
+        let encoded = op.encode(body);
+        let (back, payload) = Op::decode(&encoded).unwrap();
+        assert_eq!(back, op);
+        assert_eq!(&payload[..], &body[..]);
+        assert_eq!(
+            op.describe(),
+            format!("manifest/a/b:v1@sha256:{}", "a".repeat(64))
+        );
+    }
+
+    #[test]
+    fn times_sort_as_keys_and_parse_back() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_000_000_123);
+        let s = format_time(t);
+        assert_eq!(s.len(), 24, "{s}");
+        assert_eq!(parse_time(&s), Some(t));
+        let later = format_time(t + Duration::from_millis(1));
+        assert!(later > s);
+        let key = format!("p/journal/{s}-0000abcd-00000001/link/x@y");
+        assert_eq!(key_time("p/", &key), Some(s.as_str()));
+        assert_eq!(key_time("q/", &key), None);
+    }
+}
