@@ -15,11 +15,14 @@
 //! - [`storage`]: the S3 client (SigV4 presigning, multipart) and the embedded S3 endpoint.
 //! - [`config`]: the YAML config with `_env:NAME` values.
 //! - [`metrics`]: every Prometheus metric berth exports, recorded through pre-resolved handles.
+//! - [`gc`]: garbage collection (reference index in the store, candidate queue, retention,
+//!   orphan scan), run by `gc.interval`, `POST /gc` on the ops listener, or `berth gc`.
 //! - [`auth`]: authentication (htpasswd, Docker tokens), per-repository access, limits.
 //! - [`tls`]: downstream TLS (certificate reload on SIGHUP, mTLS).
 
 pub mod auth;
 pub mod config;
+pub mod gc;
 pub mod http;
 pub mod meta;
 pub mod metrics;

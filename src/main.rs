@@ -37,6 +37,27 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Run one garbage-collection pass and print what it deleted (asks a running `berth serve`
+    /// through its metrics.listen when it answers there).
+    Gc {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Directory for metadata and embedded objects; overrides `data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Report what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also walk every blob and manifest and queue strays the queue does not hold.
+        #[arg(long)]
+        full: bool,
+        /// Also delete orphan objects and abort stale multipart uploads in the bucket.
+        #[arg(long)]
+        orphans: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,6 +73,47 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("berth: {e}");
                     ExitCode::from(2)
+                }
+            }
+        }
+        Command::Gc {
+            config,
+            data_dir,
+            dry_run,
+            full,
+            orphans,
+            json,
+        } => {
+            let overrides = Overrides {
+                listen: None,
+                data_dir,
+            };
+            let config = match Config::load(config.as_deref(), &overrides) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("berth: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(&config.log_level);
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let opts = berth::gc::GcOptions {
+                dry_run,
+                full,
+                orphans,
+            };
+            match berth::gc::command::run(config, opts) {
+                Ok(report) if json => {
+                    println!("{}", serde_json::to_string(&report).expect("json"));
+                    ExitCode::SUCCESS
+                }
+                Ok(report) => {
+                    print!("{}", report.render());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("berth gc: {e}");
+                    ExitCode::from(1)
                 }
             }
         }

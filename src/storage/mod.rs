@@ -94,6 +94,36 @@ impl ObjectStream {
     }
 }
 
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    pub last_modified: Option<std::time::SystemTime>,
+}
+
+/// A page of [`ObjectStore::list_objects`]; `next` continues it.
+#[derive(Debug, Clone, Default)]
+pub struct ListPage {
+    pub objects: Vec<ObjectInfo>,
+    pub next: Option<String>,
+}
+
+/// An incomplete multipart upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MultipartInfo {
+    pub key: String,
+    pub upload_id: String,
+    pub initiated: Option<std::time::SystemTime>,
+}
+
+/// A page of [`ObjectStore::list_multipart_uploads`]; `next` is (key marker, upload id marker).
+#[derive(Debug, Clone, Default)]
+pub struct MultipartPage {
+    pub uploads: Vec<MultipartInfo>,
+    pub next: Option<(String, String)>,
+}
+
 pub struct ObjectStore {
     sender: Sender,
     prefix: String,
@@ -408,6 +438,56 @@ impl ObjectStore {
         .await
     }
 
+    /// The bucket's prefix for berth's objects (`storage.prefix`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// ListObjectsV2 of the keys under `prefix` (full keys, the configured prefix included),
+    /// one page of up to 1000, continuing from `continuation_token`. One request.
+    pub async fn list_objects(
+        &self,
+        prefix: &str,
+        continuation_token: Option<&str>,
+    ) -> Result<ListPage, StorageError> {
+        timed(StoreOp::ListObjects, async {
+            let mut query = vec![("list-type", "2"), ("prefix", prefix)];
+            if let Some(t) = continuation_token {
+                query.push(("continuation-token", t));
+            }
+            let r = self
+                .sender
+                .send(Method::GET, None, &query, SendBody::Empty)
+                .await?;
+            client::parse_list_objects(&r.body).ok_or_else(|| malformed("ListObjectsV2", &r.body))
+        })
+        .await
+    }
+
+    /// ListMultipartUploads under `prefix`, one page, continuing from `next` of the previous
+    /// page. Not every store has it (s3s-fs answers NotImplemented): the error says so. One
+    /// request.
+    pub async fn list_multipart_uploads(
+        &self,
+        prefix: &str,
+        next: Option<&(String, String)>,
+    ) -> Result<MultipartPage, StorageError> {
+        timed(StoreOp::ListMultipartUploads, async {
+            let mut query = vec![("prefix", prefix), ("uploads", "")];
+            if let Some((key, upload)) = next {
+                query.push(("key-marker", key));
+                query.push(("upload-id-marker", upload));
+            }
+            let r = self
+                .sender
+                .send(Method::GET, None, &query, SendBody::Empty)
+                .await?;
+            client::parse_list_uploads(&r.body)
+                .ok_or_else(|| malformed("ListMultipartUploads", &r.body))
+        })
+        .await
+    }
+
     /// DeleteObject. A missing object counts as success. One request.
     pub async fn delete_object(&self, key: &str) -> Result<(), StorageError> {
         timed(StoreOp::DeleteObject, async {
@@ -422,6 +502,17 @@ impl ObjectStore {
             }
         })
         .await
+    }
+}
+
+fn malformed(what: &str, body: &[u8]) -> StorageError {
+    StorageError::Failed {
+        status: 200,
+        code: "MalformedResponse".into(),
+        message: format!(
+            "unreadable {what} response: {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        ),
     }
 }
 

@@ -284,6 +284,29 @@ impl Berth {
         digest
     }
 
+    /// Runs `berth gc <args>` with this berth's config and data directory (it asks the
+    /// running server through `metrics.listen` when that answers, else opens the stores).
+    pub fn gc(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("gc")
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--data-dir")
+            .arg(self.data_dir.path().join("data"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run berth gc")
+    }
+
+    /// Starts berth again after [`Berth::kill`] (same port, config and data directory).
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "berth is running");
+        self.spawn();
+    }
+
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on our own child's pid.
         let rc = unsafe { libc::kill(self.pid() as i32, signal) };
