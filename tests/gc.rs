@@ -323,8 +323,7 @@ fn collector_during_concurrent_pushes_and_deletes_loses_nothing() {
     let b = Arc::new(Berth::start_with(&yaml, Some(&s3)));
     let shared: Arc<Vec<Vec<u8>>> =
         Arc::new((0..4).map(|i| bytes(1000 + i, 4096 + i as usize)).collect());
-    // (repo, tag, image, deleted)
-    let outcome: Arc<Mutex<Vec<(String, String, Image, bool)>>> = Arc::default();
+    let outcome: Arc<Mutex<Vec<Pushed>>> = Arc::default();
     let mut threads = Vec::new();
     for t in 0..10u64 {
         let (b, shared, outcome) = (b.clone(), shared.clone(), outcome.clone());
@@ -416,6 +415,9 @@ fn collector_during_concurrent_pushes_and_deletes_loses_nothing() {
     assert!(m.contains("berth_gc_queue_length"));
     assert!(m.contains("berth_gc_pass_duration_seconds_count"));
 }
+
+/// An acknowledged push: (repo, tag, image, deleted afterwards).
+type Pushed = (String, String, Image, bool);
 
 fn ops_addr(yaml: &str) -> String {
     yaml.lines()
