@@ -977,6 +977,49 @@ mod tests {
     }
 
     #[test]
+    fn gc_section_parses_and_checks_its_values() {
+        let c = Config::from_yaml("", &Overrides::default(), &no_env).unwrap();
+        assert_eq!(c.gc.interval, None);
+        assert_eq!(c.gc.blob_grace, Duration::from_secs(86400));
+        assert_eq!(c.gc.untagged_manifests, UntaggedManifests::Keep);
+        let yaml = "gc:\n  interval: 10m\n  blob_grace: 2h\n  untagged_manifests: delete\n  untagged_grace: 1h\n  retention:\n    - repositories: \"ci/*\"\n      tags: \"pr-.*\"\n      keep_last: 3\n      older_than: 7d\n      keep: \"release\"\n";
+        let c = Config::from_yaml(yaml, &Overrides::default(), &no_env).unwrap();
+        assert_eq!(c.gc.interval, Some(Duration::from_secs(600)));
+        assert_eq!(c.gc.untagged_manifests, UntaggedManifests::Delete);
+        let r = &c.gc.retention[0];
+        assert_eq!((r.repositories.as_str(), r.keep_last), ("ci/*", Some(3)));
+        assert_eq!(r.older_than, Some(Duration::from_secs(7 * 86400)));
+        // Anchored: the whole tag must match.
+        let tags = r.tags.as_ref().unwrap();
+        assert!(tags.is_match("pr-12") && !tags.is_match("xpr-12"));
+        assert!(!r.keep.as_ref().unwrap().is_match("release-1"));
+        let cases = [
+            ("gc:\n  interval: 0s\n", "gc.interval"),
+            (
+                "gc:\n  untagged_manifests: maybe\n",
+                "gc.untagged_manifests",
+            ),
+            ("gc:\n  blob_grace: soon\n", "gc.blob_grace"),
+            (
+                "gc:\n  retention:\n    - repositories: x\n",
+                "gc.retention[0].keep_last",
+            ),
+            (
+                "gc:\n  retention:\n    - repositories: x\n      keep_last: 1\n      tags: \"(\"\n",
+                "gc.retention[0].tags",
+            ),
+            (
+                "gc:\n  retention:\n    - keep_last: 1\n",
+                "gc.retention[0].repositories",
+            ),
+        ];
+        for (yaml, key) in cases {
+            let err = Config::from_yaml(yaml, &Overrides::default(), &no_env).unwrap_err();
+            assert_eq!(err.key, key, "{yaml}: {err}");
+        }
+    }
+
+    #[test]
     fn overrides_win_over_the_file() {
         let o = Overrides {
             listen: Some("127.0.0.1:6000".parse().unwrap()),
