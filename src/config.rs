@@ -53,6 +53,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
     pub journal: JournalConfig,
+    pub gc: GcConfig,
     /// Pull-through mirrors (`proxy:`), most specific prefix first at lookup.
     pub proxy: Vec<MirrorConfig>,
 }
@@ -100,6 +101,55 @@ impl Default for JournalConfig {
             rebuild_concurrency: 32,
         }
     }
+}
+
+/// `gc:`: garbage collection (what is garbage: src/gc/mod.rs).
+#[derive(Debug, Clone)]
+pub struct GcConfig {
+    /// Run a pass this often inside `berth serve`; never when None.
+    pub interval: Option<Duration>,
+    /// How long a blob must have stayed unreferenced (since its upload, mount, unlink or the
+    /// delete that freed it) before it is collected: longer than the slowest push.
+    pub blob_grace: Duration,
+    /// Delete manifests no tag, index or live subject keeps.
+    pub untagged_manifests: UntaggedManifests,
+    /// How long such a manifest must have stayed untagged.
+    pub untagged_grace: Duration,
+    /// Applied by every pass, in order; a repository takes the first rule that matches it.
+    pub retention: Vec<RetentionRule>,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            interval: None,
+            blob_grace: Duration::from_secs(24 * 3600),
+            untagged_manifests: UntaggedManifests::Keep,
+            untagged_grace: Duration::from_secs(24 * 3600),
+            retention: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UntaggedManifests {
+    Keep,
+    Delete,
+}
+
+/// `gc.retention[]`: which tags of matching repositories go.
+#[derive(Debug, Clone)]
+pub struct RetentionRule {
+    /// Repository pattern (`*` matches any run of characters).
+    pub repositories: String,
+    /// The tags this rule judges (all when None); others are left alone.
+    pub tags: Option<regex::Regex>,
+    /// Keep the N most recently pushed judged tags.
+    pub keep_last: Option<usize>,
+    /// Delete judged tags last pushed longer ago than this (outside the kept N).
+    pub older_than: Option<Duration>,
+    /// Tags matching this are never deleted (wins over everything).
+    pub keep: Option<regex::Regex>,
 }
 
 /// `tls:`: the registry listener speaks HTTPS (HTTP/1.1 and HTTP/2 via ALPN).
@@ -254,6 +304,8 @@ struct RawConfig {
     proxy: Option<serde_yaml::Value>,
     #[serde(default)]
     journal: RawJournal,
+    #[serde(default)]
+    gc: RawGc,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -268,9 +320,30 @@ struct RawMirror {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawGc {
+    interval: Option<serde_yaml::Value>,
+    blob_grace: Option<serde_yaml::Value>,
+    untagged_manifests: Option<serde_yaml::Value>,
+    untagged_grace: Option<serde_yaml::Value>,
+    #[serde(default)]
+    retention: Vec<RawRetention>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawJournal {
     enabled: Option<serde_yaml::Value>,
     rebuild_concurrency: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    repositories: Option<serde_yaml::Value>,
+    tags: Option<serde_yaml::Value>,
+    keep_last: Option<serde_yaml::Value>,
+    older_than: Option<serde_yaml::Value>,
+    keep: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -554,6 +627,7 @@ impl Config {
             limits: limits_config(&r, raw.limits)?,
             proxy: proxy_config(&r, raw.proxy)?,
             journal: journal_config(&r, raw.journal)?,
+            gc: gc_config(&r, raw.gc)?,
         })
     }
 }
@@ -824,6 +898,75 @@ fn limits_config(r: &Resolver, l: RawLimits) -> Result<LimitsConfig, ConfigError
     })
 }
 
+fn gc_config(r: &Resolver, raw: RawGc) -> Result<GcConfig, ConfigError> {
+    let d = GcConfig::default();
+    let interval = r.duration("gc.interval", raw.interval)?;
+    if interval.is_some_and(|i| i.is_zero()) {
+        return Err(ConfigError::new("gc.interval", "must be more than 0"));
+    }
+    let untagged_manifests = match r
+        .string("gc.untagged_manifests", raw.untagged_manifests)?
+        .as_deref()
+    {
+        None | Some("keep") => UntaggedManifests::Keep,
+        Some("delete") => UntaggedManifests::Delete,
+        Some(other) => {
+            return Err(ConfigError::new(
+                "gc.untagged_manifests",
+                format!("expected keep or delete, got {other:?}"),
+            ))
+        }
+    };
+    let regex = |key: &str, v| -> Result<Option<regex::Regex>, ConfigError> {
+        r.string(key, v)?
+            .map(|s| {
+                // Anchored: `v1.*` means tags that start (and end) as written.
+                regex::Regex::new(&format!("^(?:{s})$"))
+                    .map_err(|e| ConfigError::new(key, format!("not a regular expression: {e}")))
+            })
+            .transpose()
+    };
+    let mut retention = Vec::new();
+    for (i, rule) in raw.retention.into_iter().enumerate() {
+        let key = |k: &str| format!("gc.retention[{i}].{k}");
+        let keep_last = match r.string(&key("keep_last"), rule.keep_last)? {
+            None => None,
+            Some(n) => Some(
+                n.parse::<usize>()
+                    .map_err(|_| ConfigError::new(key("keep_last"), "expected a whole number"))?,
+            ),
+        };
+        let older_than = r.duration(&key("older_than"), rule.older_than)?;
+        if keep_last.is_none() && older_than.is_none() {
+            return Err(ConfigError::new(
+                key("keep_last"),
+                "a rule needs keep_last, older_than or both",
+            ));
+        }
+        retention.push(RetentionRule {
+            repositories: required(
+                &key("repositories"),
+                r.string(&key("repositories"), rule.repositories)?,
+            )?,
+            tags: regex(&key("tags"), rule.tags)?,
+            keep_last,
+            older_than,
+            keep: regex(&key("keep"), rule.keep)?,
+        });
+    }
+    Ok(GcConfig {
+        interval,
+        blob_grace: r
+            .duration("gc.blob_grace", raw.blob_grace)?
+            .unwrap_or(d.blob_grace),
+        untagged_manifests,
+        untagged_grace: r
+            .duration("gc.untagged_grace", raw.untagged_grace)?
+            .unwrap_or(d.untagged_grace),
+        retention,
+    })
+}
+
 /// Turns raw YAML scalars into typed values, resolving `_env:NAME` first.
 struct Resolver<'a> {
     env: &'a dyn Fn(&str) -> Option<String>,
@@ -1056,6 +1199,49 @@ mod tests {
             ("threads: 0\n", "threads"),
             ("log_format: xml\n", "log_format"),
             ("metrics:\n  listen: here\n", "metrics.listen"),
+        ];
+        for (yaml, key) in cases {
+            let err = Config::from_yaml(yaml, &Overrides::default(), &no_env).unwrap_err();
+            assert_eq!(err.key, key, "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn gc_section_parses_and_checks_its_values() {
+        let c = Config::from_yaml("", &Overrides::default(), &no_env).unwrap();
+        assert_eq!(c.gc.interval, None);
+        assert_eq!(c.gc.blob_grace, Duration::from_secs(86400));
+        assert_eq!(c.gc.untagged_manifests, UntaggedManifests::Keep);
+        let yaml = "gc:\n  interval: 10m\n  blob_grace: 2h\n  untagged_manifests: delete\n  untagged_grace: 1h\n  retention:\n    - repositories: \"ci/*\"\n      tags: \"pr-.*\"\n      keep_last: 3\n      older_than: 7d\n      keep: \"release\"\n";
+        let c = Config::from_yaml(yaml, &Overrides::default(), &no_env).unwrap();
+        assert_eq!(c.gc.interval, Some(Duration::from_secs(600)));
+        assert_eq!(c.gc.untagged_manifests, UntaggedManifests::Delete);
+        let r = &c.gc.retention[0];
+        assert_eq!((r.repositories.as_str(), r.keep_last), ("ci/*", Some(3)));
+        assert_eq!(r.older_than, Some(Duration::from_secs(7 * 86400)));
+        // Anchored: the whole tag must match.
+        let tags = r.tags.as_ref().unwrap();
+        assert!(tags.is_match("pr-12") && !tags.is_match("xpr-12"));
+        assert!(!r.keep.as_ref().unwrap().is_match("release-1"));
+        let cases = [
+            ("gc:\n  interval: 0s\n", "gc.interval"),
+            (
+                "gc:\n  untagged_manifests: maybe\n",
+                "gc.untagged_manifests",
+            ),
+            ("gc:\n  blob_grace: soon\n", "gc.blob_grace"),
+            (
+                "gc:\n  retention:\n    - repositories: x\n",
+                "gc.retention[0].keep_last",
+            ),
+            (
+                "gc:\n  retention:\n    - repositories: x\n      keep_last: 1\n      tags: \"(\"\n",
+                "gc.retention[0].tags",
+            ),
+            (
+                "gc:\n  retention:\n    - keep_last: 1\n",
+                "gc.retention[0].repositories",
+            ),
         ];
         for (yaml, key) in cases {
             let err = Config::from_yaml(yaml, &Overrides::default(), &no_env).unwrap_err();

@@ -19,11 +19,14 @@
 //! - [`import`]: `berth import`, adopting a CNCF distribution registry's storage in place.
 //! - [`metrics`]: every Prometheus metric berth exports, recorded through pre-resolved handles.
 //! - [`mirror`]: pull-through mirrors of upstream registries under a repository prefix.
+//! - [`gc`]: garbage collection (reference index in the store, candidate queue, retention,
+//!   orphan scan), run by `gc.interval`, `POST /gc` on the ops listener, or `berth gc`.
 //! - [`auth`]: authentication (htpasswd, Docker tokens), per-repository access, limits.
 //! - [`tls`]: downstream TLS (certificate reload on SIGHUP, mTLS).
 
 pub mod auth;
 pub mod config;
+pub mod gc;
 pub mod http;
 pub mod import;
 pub mod meta;

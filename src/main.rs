@@ -69,6 +69,27 @@ enum Command {
         #[arg(long)]
         from_dir: Option<PathBuf>,
     },
+    /// Run one garbage-collection pass and print what it deleted (asks a running `berth serve`
+    /// through its metrics.listen when it answers there).
+    Gc {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Directory for metadata and embedded objects; overrides `data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Report what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also walk every blob and manifest and queue strays the queue does not hold.
+        #[arg(long)]
+        full: bool,
+        /// Also delete orphan objects and abort stale multipart uploads in the bucket.
+        #[arg(long)]
+        orphans: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -113,6 +134,38 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("berth: recover: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Gc {
+            config,
+            data_dir,
+            dry_run,
+            full,
+            orphans,
+            json,
+        } => {
+            let config = match load_tool_config(config, data_dir) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let opts = berth::gc::GcOptions {
+                dry_run,
+                full,
+                orphans,
+            };
+            match berth::gc::command::run(config, opts) {
+                Ok(report) if json => {
+                    println!("{}", serde_json::to_string(&report).expect("json"));
+                    ExitCode::SUCCESS
+                }
+                Ok(report) => {
+                    print!("{}", report.render());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("berth gc: {e}");
                     ExitCode::from(1)
                 }
             }

@@ -283,9 +283,10 @@ pub enum StoreOp {
     /// memory.
     GetObject,
     ListObjectsV2,
+    ListMultipartUploads,
 }
 
-const STORE_OPS: [&str; 9] = [
+const STORE_OPS: [&str; 10] = [
     "HeadBucket",
     "PutObject",
     "CreateMultipartUpload",
@@ -295,6 +296,7 @@ const STORE_OPS: [&str; 9] = [
     "DeleteObject",
     "GetObject",
     "ListObjectsV2",
+    "ListMultipartUploads",
 ];
 
 pub struct StoreMetrics {
@@ -362,6 +364,56 @@ pub static META: LazyLock<MetaMetrics> = LazyLock::new(|| MetaMetrics {
     ),
 });
 
+/// Garbage collection.
+pub struct GcMetrics {
+    pub runs: IntCounter,
+    pub manifests_deleted: IntCounter,
+    pub blobs_deleted: IntCounter,
+    pub objects_deleted: IntCounter,
+    pub tags_deleted: IntCounter,
+    pub bytes_freed: IntCounter,
+    pub duration: Histogram,
+    pub queue_length: IntGauge,
+}
+
+pub static GC: LazyLock<GcMetrics> = LazyLock::new(|| {
+    let deleted = counter_vec(
+        "berth_gc_deleted_total",
+        "What garbage collection deleted, by kind (manifest, blob, object, tag).",
+        &["kind"],
+    );
+    GcMetrics {
+        runs: counter(
+            "berth_gc_runs_total",
+            "Garbage-collection passes run (not dry runs).",
+        ),
+        manifests_deleted: deleted.with_label_values(&["manifest"]),
+        blobs_deleted: deleted.with_label_values(&["blob"]),
+        objects_deleted: deleted.with_label_values(&["object"]),
+        tags_deleted: deleted.with_label_values(&["tag"]),
+        bytes_freed: counter(
+            "berth_gc_freed_bytes_total",
+            "Bytes of blobs and orphan objects garbage collection deleted from the bucket.",
+        ),
+        duration: {
+            let h = Histogram::with_opts(
+                HistogramOpts::new(
+                    "berth_gc_pass_duration_seconds",
+                    "Duration of a garbage-collection pass.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("metric");
+            REGISTRY.register(Box::new(h.clone())).expect("register");
+            h
+        },
+        queue_length: gauge(
+            "berth_gc_queue_length",
+            "Candidates waiting in the collection queue, after the last pass.",
+        ),
+    }
+});
+
 /// Touches every metric so that all series exist from the start (a scrape right after start
 /// shows zeros rather than nothing).
 pub fn init() {
@@ -371,6 +423,7 @@ pub fn init() {
     LazyLock::force(&STORE);
     LazyLock::force(&META);
     LazyLock::force(&MIRROR);
+    LazyLock::force(&GC);
 }
 
 /// The registry in Prometheus text format.

@@ -194,6 +194,16 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
         }
     };
     server.add_service(http);
+    let collector = crate::gc::command::collector_for(&registry, &config);
+    if let Some(every) = config.gc.interval {
+        server.add_service(background_service(
+            "garbage collection",
+            GcLoop {
+                collector: collector.clone(),
+                every,
+            },
+        ));
+    }
     server.add_service(background_service(
         "SIGHUP reload",
         crate::auth::HangupReload {
@@ -208,6 +218,7 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
             "berth ops".to_string(),
             OpsApp {
                 readiness: readiness.clone(),
+                gc: collector,
             },
         );
         ops.add_tcp(&addr.to_string());
@@ -240,6 +251,30 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
 fn fail_start(e: &str) -> ! {
     eprintln!("berth: cannot start: {e}");
     std::process::exit(1)
+}
+
+/// Runs a garbage-collection pass every `gc.interval`.
+struct GcLoop {
+    collector: Arc<crate::gc::Collector>,
+    every: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for GcLoop {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {
+                    if let Err(e) = self.collector.run(crate::gc::GcOptions::default()).await {
+                        log::warn!("gc: {e}");
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Aborts upload sessions idle past `upload.session_expiry`.

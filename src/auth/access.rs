@@ -208,7 +208,7 @@ impl AnonymousPull {
 }
 
 /// `*`-only glob, iterative (no backtracking blow-up on long names).
-fn glob(pattern: &[u8], text: &[u8]) -> bool {
+pub(crate) fn glob(pattern: &[u8], text: &[u8]) -> bool {
     let (mut p, mut t) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while t < text.len() {

@@ -1,6 +1,8 @@
 //! The operations listener, separate from the registry API: `/metrics` (Prometheus text
-//! format), `/healthz` (the process answers) and `/readyz` (metadata store and object store
-//! usable, as last seen by [`ReadinessProbe`]; a scrape never touches either).
+//! format), `/healthz` (the process answers), `/readyz` (metadata store and object store
+//! usable, as last seen by [`ReadinessProbe`]; a scrape never touches either) and `POST /gc`
+//! (one garbage-collection pass, `?dry_run=&full=&orphans=`; answers its JSON report). The
+//! listener is for operators: bind it to loopback or a private network.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use prometheus::IntGauge;
 
+use crate::gc::Collector;
 use crate::metrics;
 use crate::registry::Registry;
 
@@ -101,6 +104,27 @@ impl BackgroundService for ReadinessProbe {
 
 pub struct OpsApp {
     pub readiness: Arc<Readiness>,
+    pub gc: Arc<Collector>,
+}
+
+impl OpsApp {
+    async fn gc(&self, query: Option<&str>) -> (u16, &'static str, Vec<u8>) {
+        let opts = match crate::gc::command::parse_query(query) {
+            Ok(o) => o,
+            Err(e) => return (400, "text/plain", format!("{e}\n").into_bytes()),
+        };
+        match self.gc.run(opts).await {
+            Ok(report) => (
+                200,
+                "application/json",
+                serde_json::to_vec(&report).expect("json of a report"),
+            ),
+            Err(e) => {
+                log::warn!("gc: {e}");
+                (503, "text/plain", format!("gc failed: {e}\n").into_bytes())
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -110,7 +134,10 @@ impl ServeHttp for OpsApp {
             session.req_header().method,
             http::Method::GET | http::Method::HEAD
         );
-        let (status, content_type, body) = match session.req_header().uri.path() {
+        let post = session.req_header().method == http::Method::POST;
+        let uri = session.req_header().uri.clone();
+        let (status, content_type, body) = match uri.path() {
+            "/gc" if post => self.gc(uri.query()).await,
             _ if !get => (405, "text/plain", b"method not allowed\n".to_vec()),
             "/metrics" => (
                 200,

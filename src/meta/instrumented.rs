@@ -7,8 +7,8 @@ use bytes::Bytes;
 use prometheus::Histogram;
 
 use super::{
-    BlobRecord, Linked, ManifestRecord, MetaResult, MetaStore, PendingChange, Referrer,
-    UploadSession,
+    BlobCollection, BlobRecord, Candidate, CandidateKind, Linked, ManifestPut, ManifestRecord,
+    MetaResult, MetaStore, PendingChange, QueuedCandidate, Referrer, TagInfo, UploadSession,
 };
 use crate::metrics::META;
 use crate::registry::names::Digest;
@@ -40,6 +40,17 @@ struct Timers {
     delete_upload: Histogram,
     idle_uploads: Histogram,
     finish_upload: Histogram,
+    gc_candidates: Histogram,
+    gc_queue_len: Histogram,
+    gc_enqueue: Histogram,
+    gc_dequeue: Histogram,
+    collect_blob: Histogram,
+    collect_manifest: Histogram,
+    blobs: Histogram,
+    is_referenced: Histogram,
+    repo_manifests: Histogram,
+    tag_details: Histogram,
+    delete_tag_if: Histogram,
 }
 
 impl<M: MetaStore> Instrumented<M> {
@@ -66,6 +77,17 @@ impl<M: MetaStore> Instrumented<M> {
             delete_upload: META.op("delete_upload"),
             idle_uploads: META.op("idle_uploads"),
             finish_upload: META.op("finish_upload"),
+            gc_candidates: META.op("gc_candidates"),
+            gc_queue_len: META.op("gc_queue_len"),
+            gc_enqueue: META.op("gc_enqueue"),
+            gc_dequeue: META.op("gc_dequeue"),
+            collect_blob: META.op("collect_blob"),
+            collect_manifest: META.op("collect_manifest"),
+            blobs: META.op("blobs"),
+            is_referenced: META.op("is_referenced"),
+            repo_manifests: META.op("repo_manifests"),
+            tag_details: META.op("tag_details"),
+            delete_tag_if: META.op("delete_tag_if"),
         };
         Instrumented { inner, timers }
     }
@@ -109,7 +131,7 @@ impl<M: MetaStore> MetaStore for Instrumented<M> {
         record: ManifestRecord,
         tag: Option<&str>,
         referrer: Option<Referrer>,
-    ) -> MetaResult<()> {
+    ) -> MetaResult<ManifestPut> {
         let _t = self.timers.put_manifest.start_timer();
         self.inner
             .put_manifest(repo, digest, record, tag, referrer)
@@ -208,5 +230,84 @@ impl<M: MetaStore> MetaStore for Instrumented<M> {
 
     async fn set_journal_watermark(&self, watermark: &str) -> MetaResult<()> {
         self.inner.set_journal_watermark(watermark).await
+    }
+
+    async fn gc_candidates(
+        &self,
+        kind: CandidateKind,
+        cutoff: u64,
+        limit: usize,
+    ) -> MetaResult<Vec<QueuedCandidate>> {
+        let _t = self.timers.gc_candidates.start_timer();
+        self.inner.gc_candidates(kind, cutoff, limit).await
+    }
+
+    async fn gc_queue_len(&self) -> MetaResult<u64> {
+        let _t = self.timers.gc_queue_len.start_timer();
+        self.inner.gc_queue_len().await
+    }
+
+    async fn gc_enqueue(&self, candidates: &[Candidate], now: u64) -> MetaResult<()> {
+        let _t = self.timers.gc_enqueue.start_timer();
+        self.inner.gc_enqueue(candidates, now).await
+    }
+
+    async fn gc_dequeue(&self, candidate: &Candidate) -> MetaResult<()> {
+        let _t = self.timers.gc_dequeue.start_timer();
+        self.inner.gc_dequeue(candidate).await
+    }
+
+    async fn collect_blob(&self, digest: &Digest, cutoff: u64) -> MetaResult<BlobCollection> {
+        let _t = self.timers.collect_blob.start_timer();
+        self.inner.collect_blob(digest, cutoff).await
+    }
+
+    async fn collect_manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        cutoff: u64,
+    ) -> MetaResult<Option<ManifestRecord>> {
+        let _t = self.timers.collect_manifest.start_timer();
+        self.inner.collect_manifest(repo, digest, cutoff).await
+    }
+
+    async fn blobs(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> MetaResult<Vec<(Digest, BlobRecord)>> {
+        let _t = self.timers.blobs.start_timer();
+        self.inner.blobs(after, limit).await
+    }
+
+    async fn is_referenced(&self, digest: &Digest) -> MetaResult<bool> {
+        let _t = self.timers.is_referenced.start_timer();
+        self.inner.is_referenced(digest).await
+    }
+
+    async fn repo_manifests(
+        &self,
+        repo: &str,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> MetaResult<Vec<Digest>> {
+        let _t = self.timers.repo_manifests.start_timer();
+        self.inner.repo_manifests(repo, after, limit).await
+    }
+
+    async fn tag_details(
+        &self,
+        repo: &str,
+        last: Option<&str>,
+        limit: usize,
+    ) -> MetaResult<Vec<TagInfo>> {
+        let _t = self.timers.tag_details.start_timer();
+        self.inner.tag_details(repo, last, limit).await
+    }
+
+    async fn delete_tag_if(&self, repo: &str, tag: &str, digest: &Digest) -> MetaResult<bool> {
+        let _t = self.timers.delete_tag_if.start_timer();
+        self.inner.delete_tag_if(repo, tag, digest).await
     }
 }

@@ -44,7 +44,8 @@ use futures_util::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BlobRecord, Linked, ManifestRecord, MetaError, MetaResult, MetaStore, PendingChange, Referrer,
+    BlobCollection, BlobRecord, Candidate, CandidateKind, Linked, ManifestPut, ManifestRecord,
+    MetaError, MetaResult, MetaStore, PendingChange, QueuedCandidate, Referrer, TagInfo,
     UploadSession,
 };
 use crate::registry::names::Digest;
@@ -96,6 +97,13 @@ pub enum Op {
         repo: String,
         digest: String,
     },
+    /// Garbage collection removed these links of `digest` and, when `deleted`, its record
+    /// (its object is deleted only after this record exists).
+    Collected {
+        digest: String,
+        unlinked: Vec<String>,
+        deleted: bool,
+    },
     /// `berth import`: `repo` adopts blobs whose bytes already lie at `key` (another
     /// registry's objects), all in one record.
     Adopt {
@@ -145,6 +153,7 @@ impl Op {
             Op::Link { repo, digest, .. } => format!("link/{repo}@{digest}"),
             Op::Unlink { repo, digest } => format!("unlink/{repo}@{digest}"),
             Op::Adopt { repo, blobs } => format!("adopt/{repo}+{}", blobs.len()),
+            Op::Collected { digest, .. } => format!("collected/{digest}"),
         }
     }
 }
@@ -397,7 +406,7 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
         record: ManifestRecord,
         tag: Option<&str>,
         referrer: Option<Referrer>,
-    ) -> MetaResult<()> {
+    ) -> MetaResult<ManifestPut> {
         let mut items = vec![("manifest", repo, digest.as_str())];
         if let Some(t) = tag {
             items.push(("tag", repo, t));
@@ -433,11 +442,14 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
                 .map(|r| String::from_utf8_lossy(&r.descriptor).into_owned()),
         };
         let ticket = self.journal.write(&op, &record.body).await?;
-        self.inner
+        // MissingReference (GC took a blob after the registry checked) changes nothing here;
+        // its record stays in the bucket and is skipped on replay the same way.
+        let out = self
+            .inner
             .put_manifest(repo, digest, record, tag, referrer)
             .await?;
         self.committed(ticket).await;
-        Ok(())
+        Ok(out)
     }
 
     async fn manifest(&self, repo: &str, digest: &Digest) -> MetaResult<Option<ManifestRecord>> {
@@ -607,6 +619,114 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
         let out = self.inner.adopt_blobs(repo, blobs).await?;
         self.committed(ticket).await;
         Ok(out)
+    }
+
+    // ---- garbage collection ----
+    // The queue is derived state: not journaled. Collection deletes acknowledged state, so its
+    // outcome is recorded after the local commit and before the caller deletes any object: a
+    // crash in between leaves the object and a record that still names it (garbage again,
+    // never a record pointing at a deleted object).
+
+    async fn gc_candidates(
+        &self,
+        kind: CandidateKind,
+        cutoff: u64,
+        limit: usize,
+    ) -> MetaResult<Vec<QueuedCandidate>> {
+        self.inner.gc_candidates(kind, cutoff, limit).await
+    }
+
+    async fn gc_queue_len(&self) -> MetaResult<u64> {
+        self.inner.gc_queue_len().await
+    }
+
+    async fn gc_enqueue(&self, candidates: &[Candidate], now: u64) -> MetaResult<()> {
+        self.inner.gc_enqueue(candidates, now).await
+    }
+
+    async fn gc_dequeue(&self, candidate: &Candidate) -> MetaResult<()> {
+        self.inner.gc_dequeue(candidate).await
+    }
+
+    async fn collect_blob(&self, digest: &Digest, cutoff: u64) -> MetaResult<BlobCollection> {
+        let _g = self.journal.lock(&[("blob", digest.as_str(), "")]).await;
+        let out = self.inner.collect_blob(digest, cutoff).await?;
+        if !out.unlinked.is_empty() || out.deleted.is_some() {
+            let op = Op::Collected {
+                digest: digest.to_string(),
+                unlinked: out.unlinked.clone(),
+                deleted: out.deleted.is_some(),
+            };
+            let ticket = self.journal.write(&op, &[]).await?;
+            self.committed(ticket).await;
+        }
+        Ok(out)
+    }
+
+    async fn collect_manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        cutoff: u64,
+    ) -> MetaResult<Option<ManifestRecord>> {
+        let _g = self
+            .journal
+            .lock(&[("manifest", repo, digest.as_str())])
+            .await;
+        let out = self.inner.collect_manifest(repo, digest, cutoff).await?;
+        if out.is_some() {
+            let op = Op::DeleteManifest {
+                repo: repo.to_owned(),
+                digest: digest.to_string(),
+            };
+            let ticket = self.journal.write(&op, &[]).await?;
+            self.committed(ticket).await;
+        }
+        Ok(out)
+    }
+
+    async fn blobs(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> MetaResult<Vec<(Digest, BlobRecord)>> {
+        self.inner.blobs(after, limit).await
+    }
+
+    async fn is_referenced(&self, digest: &Digest) -> MetaResult<bool> {
+        self.inner.is_referenced(digest).await
+    }
+
+    async fn repo_manifests(
+        &self,
+        repo: &str,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> MetaResult<Vec<Digest>> {
+        self.inner.repo_manifests(repo, after, limit).await
+    }
+
+    async fn tag_details(
+        &self,
+        repo: &str,
+        last: Option<&str>,
+        limit: usize,
+    ) -> MetaResult<Vec<TagInfo>> {
+        self.inner.tag_details(repo, last, limit).await
+    }
+
+    async fn delete_tag_if(&self, repo: &str, tag: &str, digest: &Digest) -> MetaResult<bool> {
+        let _g = self.journal.lock(&[("tag", repo, tag)]).await;
+        let deleted = self.inner.delete_tag_if(repo, tag, digest).await?;
+        if deleted {
+            let op = Op::DeleteTag {
+                repo: repo.to_owned(),
+                tag: tag.to_owned(),
+            };
+            let ticket = self.journal.write(&op, &[]).await?;
+            self.committed(ticket).await;
+        }
+        Ok(deleted)
     }
 
     async fn journal_watermark(&self) -> MetaResult<Option<String>> {
@@ -847,14 +967,20 @@ impl Replayer<'_> {
                     _ => None,
                 };
                 let record = ManifestRecord {
+                    references: crate::registry::manifest::references(&media_type, &payload),
                     media_type,
                     body: payload,
                     subject,
                 };
-                self.meta
+                match self
+                    .meta
                     .put_manifest(&repo, &d, record, tag.as_deref(), referrer)
-                    .await?;
-                "put_manifest"
+                    .await?
+                {
+                    ManifestPut::Stored => "put_manifest",
+                    // The push lost to a collection when it happened, and loses again.
+                    ManifestPut::MissingReference(_) => "put_manifest_lost",
+                }
             }
             Op::DeleteManifest { repo, digest: d } => {
                 self.meta.delete_manifest(&repo, &digest(&d)?).await?;
@@ -885,6 +1011,24 @@ impl Replayer<'_> {
                 deferred.links.remove(&(repo.clone(), d.clone()));
                 self.meta.unlink_blob(&repo, &digest(&d)?).await?;
                 "unlink"
+            }
+            Op::Collected {
+                digest: d,
+                unlinked,
+                deleted,
+            } => {
+                let d = digest(&d)?;
+                for repo in &unlinked {
+                    deferred.links.remove(&(repo.clone(), d.to_string()));
+                    self.meta.unlink_blob(repo, &d).await?;
+                }
+                if deleted {
+                    // Nothing references it at this point of the history: collect it as then.
+                    let c = Candidate::Blob(d.clone());
+                    self.meta.gc_enqueue(std::slice::from_ref(&c), 0).await?;
+                    self.meta.collect_blob(&d, u64::MAX).await?;
+                }
+                "collected"
             }
             // Adopted objects lie outside berth's blob prefix: applied as recorded.
             Op::Adopt { repo, blobs } => {

@@ -44,6 +44,72 @@ pub struct ManifestRecord {
     pub body: Bytes,
     /// The manifest's `subject`, if any (it is then listed by the referrers API).
     pub subject: Option<Digest>,
+    /// What the manifest references, deduplicated, in first-seen order: an image manifest's
+    /// config and layers (not foreign ones, which live elsewhere), an index's manifests. Not
+    /// the subject. Computed once at PUT ([`crate::registry::manifest::references`]); the
+    /// reference index that garbage collection relies on is kept from it.
+    pub references: Vec<Digest>,
+}
+
+/// What [`MetaStore::put_manifest`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ManifestPut {
+    Stored,
+    /// Nothing changed: this reference is, at commit, neither a blob linked to the repository
+    /// nor a manifest of it (collected, unlinked or deleted since the registry checked).
+    MissingReference(Digest),
+}
+
+/// Something the collector must look at again: a blob (its record and all its repository
+/// links) or one repository's manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Candidate {
+    Blob(Digest),
+    Manifest { repo: String, digest: Digest },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CandidateKind {
+    Blob,
+    Manifest,
+}
+
+impl Candidate {
+    pub fn kind(&self) -> CandidateKind {
+        match self {
+            Candidate::Blob(_) => CandidateKind::Blob,
+            Candidate::Manifest { .. } => CandidateKind::Manifest,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedCandidate {
+    pub candidate: Candidate,
+    /// Unix seconds it was last touched (queued or queued again).
+    pub since: u64,
+}
+
+/// A tag with what retention policies look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagInfo {
+    pub tag: String,
+    pub digest: Digest,
+    /// Unix seconds of the last PUT that pointed the tag (tags older than the reference index:
+    /// the time it was built).
+    pub updated: u64,
+}
+
+/// What [`MetaStore::collect_blob`] did, in one transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlobCollection {
+    /// Repositories whose link was removed (none of their manifests references the blob).
+    pub unlinked: Vec<String>,
+    /// The blob's record, now gone from the index: its object may be deleted. None when the
+    /// blob is still referenced, not due, or unknown.
+    pub deleted: Option<BlobRecord>,
+    /// Repositories that left the catalog (nothing left in them).
+    pub pruned: Vec<String>,
 }
 
 /// An entry for the referrers index: the descriptor (JSON object, ready to embed in the
@@ -123,12 +189,16 @@ pub trait MetaStore: Send + Sync + 'static {
         repo: &str,
         blobs: &[(Digest, BlobRecord)],
     ) -> MetaResult<Vec<Linked>>;
-    /// Removes `repo`'s link to the blob. False if it was not linked.
+    /// Removes `repo`'s link to the blob (queueing the blob for collection). False if it was
+    /// not linked.
     async fn unlink_blob(&self, repo: &str, digest: &Digest) -> MetaResult<bool>;
 
     // ---- manifests and tags ----
     /// Stores the manifest under `repo`, points `tag` at it if given, and records it in the
     /// referrers index when it has a subject. Re-putting the same digest replaces the record.
+    /// Every reference must, at commit, be a blob linked to `repo` or a manifest of `repo`
+    /// (else [`ManifestPut::MissingReference`] and nothing changes): a blob collected between
+    /// the registry's check and this commit never ends up under a stored manifest.
     async fn put_manifest(
         &self,
         repo: &str,
@@ -136,7 +206,7 @@ pub trait MetaStore: Send + Sync + 'static {
         record: ManifestRecord,
         tag: Option<&str>,
         referrer: Option<Referrer>,
-    ) -> MetaResult<()>;
+    ) -> MetaResult<ManifestPut>;
     async fn manifest(&self, repo: &str, digest: &Digest) -> MetaResult<Option<ManifestRecord>>;
     /// The manifest `tag` points at in `repo`, with its digest, read in one snapshot (a
     /// concurrent re-tag or delete never yields a digest without its manifest).
@@ -145,12 +215,15 @@ pub trait MetaStore: Send + Sync + 'static {
         repo: &str,
         tag: &str,
     ) -> MetaResult<Option<(Digest, ManifestRecord)>>;
-    /// Deletes the manifest, every tag of `repo` pointing at it, and its referrers entry.
+    /// Deletes the manifest, every tag of `repo` pointing at it, and its referrers entry;
+    /// queues what that may have freed (references no longer referenced in `repo`, its
+    /// referrers); an emptied repository leaves the catalog.
     async fn delete_manifest(&self, repo: &str, digest: &Digest) -> MetaResult<bool>;
+    /// Deletes the tag, queueing the manifest it pointed at.
     async fn delete_tag(&self, repo: &str, tag: &str) -> MetaResult<bool>;
     /// Tags of `repo` in lexical order, strictly after `last`, at most `limit`.
     async fn tags(&self, repo: &str, last: Option<&str>, limit: usize) -> MetaResult<Vec<String>>;
-    /// Repositories (any that ever had a blob linked or a manifest put) in lexical order,
+    /// Repositories (any with a blob linked or a manifest; emptied ones leave) in lexical order,
     /// strictly after `last`, at most `limit`.
     async fn repositories(&self, last: Option<&str>, limit: usize) -> MetaResult<Vec<String>>;
     async fn repository_exists(&self, repo: &str) -> MetaResult<bool>;
@@ -185,4 +258,61 @@ pub trait MetaStore: Send + Sync + 'static {
     /// applied or wrote one (a fresh store).
     async fn journal_watermark(&self) -> MetaResult<Option<String>>;
     async fn set_journal_watermark(&self, watermark: &str) -> MetaResult<()>;
+
+    // ---- garbage collection (see src/gc/mod.rs for what is garbage) ----
+    /// Queued candidates of `kind` touched at or before `cutoff`, oldest first, at most
+    /// `limit`.
+    async fn gc_candidates(
+        &self,
+        kind: CandidateKind,
+        cutoff: u64,
+        limit: usize,
+    ) -> MetaResult<Vec<QueuedCandidate>>;
+    /// Number of queued candidates (both kinds).
+    async fn gc_queue_len(&self) -> MetaResult<u64>;
+    /// Queues each candidate at `now` unless it is queued already (its time then stays).
+    async fn gc_enqueue(&self, candidates: &[Candidate], now: u64) -> MetaResult<()>;
+    /// Removes the candidate from the queue if it is there.
+    async fn gc_dequeue(&self, candidate: &Candidate) -> MetaResult<()>;
+    /// The collection decision and the metadata delete in one transaction. Nothing changes
+    /// unless the blob is queued with a time at or before `cutoff`. Then: every link whose
+    /// repository has no manifest referencing the blob goes; if no manifest anywhere
+    /// references it, its record and remaining links go too (returned in `deleted`: delete
+    /// the object only now); the candidate is dequeued; emptied repositories leave the catalog.
+    async fn collect_blob(&self, digest: &Digest, cutoff: u64) -> MetaResult<BlobCollection>;
+    /// In one transaction: deletes the manifest (as [`MetaStore::delete_manifest`] does) if it
+    /// is queued with a time at or before `cutoff`, no tag points at it, no manifest of `repo`
+    /// references it and its subject is not a manifest of `repo`; returns its record. Otherwise
+    /// None, and the candidate is dequeued unless it was merely not due.
+    async fn collect_manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        cutoff: u64,
+    ) -> MetaResult<Option<ManifestRecord>>;
+    /// Blob records in digest order, strictly after `after`, at most `limit`.
+    async fn blobs(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> MetaResult<Vec<(Digest, BlobRecord)>>;
+    /// Whether any manifest in any repository references `digest`.
+    async fn is_referenced(&self, digest: &Digest) -> MetaResult<bool>;
+    /// Digests of `repo`'s manifests in order, strictly after `after`, at most `limit`.
+    async fn repo_manifests(
+        &self,
+        repo: &str,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> MetaResult<Vec<Digest>>;
+    /// As [`MetaStore::tags`], with each tag's digest and update time.
+    async fn tag_details(
+        &self,
+        repo: &str,
+        last: Option<&str>,
+        limit: usize,
+    ) -> MetaResult<Vec<TagInfo>>;
+    /// Deletes `tag` only if it still points at `digest` (a tag re-pushed after a retention
+    /// decision stays), queueing the manifest like [`MetaStore::delete_tag`].
+    async fn delete_tag_if(&self, repo: &str, tag: &str, digest: &Digest) -> MetaResult<bool>;
 }

@@ -18,6 +18,8 @@
 //! | `upload_pending` | `(session id, chunk sequence u32)`   | chunk bytes                                  |
 //! | `journal`        | `"watermark"`                        | the bucket journal's watermark               |
 //!
+//! and the garbage-collection tables (reference index, queue) described in [`gc`].
+//!
 //! Digests are stored as their `sha256:<hex>` strings. The manifest body is stored raw, exactly
 //! as pushed, since it is served byte-exact. Pending upload bytes are kept as appended chunks
 //! (sequence numbers from 0, in append order) so that an append never rewrites earlier bytes.
@@ -36,16 +38,21 @@ use std::sync::Arc;
 
 use ::redb::{
     Database, Durability, Key, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable,
-    Table, TableDefinition, TableHandle, Value, WriteTransaction,
+    ReadableTableMetadata, Table, TableDefinition, TableHandle, Value, WriteTransaction,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
 
+mod gc;
+
 use super::{
-    BlobRecord, Linked, ManifestRecord, MetaError, MetaResult, MetaStore, PendingChange, Referrer,
+    BlobCollection, BlobRecord, Candidate, CandidateKind, Linked, ManifestPut, ManifestRecord,
+    MetaError, MetaResult, MetaStore, PendingChange, QueuedCandidate, Referrer, TagInfo,
     UploadSession,
 };
 use crate::registry::names::Digest;
+use crate::registry::unix_now;
+use gc::{BLOB, BLOB_LINKS, GC_DUE, GC_QUEUE, MANIFEST, MANIFEST_REFS, REFS, TAG_TIMES};
 
 /// `(repo, digest)` / `(repo, tag)`.
 type RepoKey = (&'static str, &'static str);
@@ -129,7 +136,6 @@ fn rtable<K: Key + 'static, V: Value + 'static>(
         .map_err(|e| MetaError::Failed(format!("open table {}: {e}", def.name())))
 }
 
-/// Removes all pending chunks of upload `id`.
 fn read_manifest(
     txn: &ReadTransaction,
     repo: &str,
@@ -140,22 +146,105 @@ fn read_manifest(
         return Ok(None);
     };
     let (media_type, subject, body) = g.value();
+    let refs = rtable(txn, MANIFEST_REFS)?;
+    let references = match refs.get((repo, digest)).map_err(ctx("manifest refs"))? {
+        Some(r) => gc::decode_refs(r.value())?,
+        None => Vec::new(),
+    };
     Ok(Some(ManifestRecord {
         media_type: media_type.to_owned(),
         body: Bytes::copy_from_slice(body),
         subject: subject.map(|s| parse_digest("manifests", s)).transpose()?,
+        references,
     }))
 }
 
+fn blob_value((size, key): (u64, &str)) -> BlobRecord {
+    BlobRecord {
+        key: key.to_owned(),
+        size,
+    }
+}
+
+/// Removes all pending chunks of upload `id`.
 fn clear_pending(pending: &mut Table<'_, (&str, u32), &[u8]>, id: &str) -> MetaResult<()> {
     pending
         .retain_in((id, 0u32)..=(id, u32::MAX), |_, _| false)
         .map_err(ctx("clear pending bytes"))
 }
 
+/// Links `digest` into `repo` (both directions), lists the repository, and touches the blob's
+/// candidate so that collection waits a grace from now.
+fn link(txn: &WriteTransaction, repo: &str, digest: &str) -> MetaResult<()> {
+    wtable(txn, REPO_BLOBS)?
+        .insert((repo, digest), ())
+        .map_err(ctx("insert link"))?;
+    wtable(txn, BLOB_LINKS)?
+        .insert((digest, repo), ())
+        .map_err(ctx("insert link"))?;
+    wtable(txn, REPOSITORIES)?
+        .insert(repo, ())
+        .map_err(ctx("insert repository"))?;
+    gc::touch(txn, BLOB, "", digest, unix_now())
+}
+
+/// Deletes `repo:tag` (only if it points at `expected`, when given), its time, and queues the
+/// manifest it pointed at. False if there was no such tag.
+fn untag(
+    txn: &WriteTransaction,
+    repo: &str,
+    tag: &str,
+    expected: Option<&Digest>,
+) -> MetaResult<bool> {
+    let mut tags = wtable(txn, TAGS)?;
+    let current = tags
+        .get((repo, tag))
+        .map_err(ctx("read tag"))?
+        .map(|g| g.value().to_owned());
+    let Some(current) = current else {
+        return Ok(false);
+    };
+    if expected.is_some_and(|e| e.as_str() != current) {
+        return Ok(false);
+    }
+    tags.remove((repo, tag)).map_err(ctx("remove tag"))?;
+    drop(tags);
+    wtable(txn, TAG_TIMES)?
+        .remove((repo, tag))
+        .map_err(ctx("remove tag time"))?;
+    gc::touch(txn, MANIFEST, repo, &current, unix_now())?;
+    Ok(true)
+}
+
+/// The first of `references` that is neither a blob linked to `repo` nor a manifest of it.
+fn missing_reference(
+    txn: &WriteTransaction,
+    repo: &str,
+    references: &[Digest],
+) -> MetaResult<Option<Digest>> {
+    if references.is_empty() {
+        return Ok(None);
+    }
+    let links = wtable(txn, REPO_BLOBS)?;
+    let manifests = wtable(txn, MANIFESTS)?;
+    for r in references {
+        let key = (repo, r.as_str());
+        if links.get(key).map_err(ctx("check reference"))?.is_none()
+            && manifests
+                .get(key)
+                .map_err(ctx("check reference"))?
+                .is_none()
+        {
+            return Ok(Some(r.clone()));
+        }
+    }
+    Ok(None)
+}
+
 impl RedbStore {
-    /// Creates or opens the database file at `path` (its directory must exist) and creates any
-    /// missing table.
+    /// Creates or opens the database file at `path` (its directory must exist), creates any
+    /// missing table, and builds the garbage-collection tables once for a database written
+    /// before they existed (see [`gc::upgrade`]).
     pub fn open(path: &Path) -> MetaResult<RedbStore> {
         let db = Database::create(path)
             .map_err(|e| MetaError::Failed(format!("open {}: {e}", path.display())))?;
@@ -169,6 +258,13 @@ impl RedbStore {
         wtable(&txn, UPLOADS)?;
         wtable(&txn, UPLOAD_PENDING)?;
         wtable(&txn, JOURNAL)?;
+        wtable(&txn, REFS)?;
+        wtable(&txn, MANIFEST_REFS)?;
+        wtable(&txn, BLOB_LINKS)?;
+        wtable(&txn, TAG_TIMES)?;
+        wtable(&txn, GC_QUEUE)?;
+        wtable(&txn, GC_DUE)?;
+        gc::upgrade(&txn, unix_now())?;
         txn.commit().map_err(ctx("create tables"))?;
         Ok(RedbStore {
             db: Arc::new(db),
@@ -282,14 +378,8 @@ impl MetaStore for RedbStore {
             {
                 return Ok(Outcome::Abort(false));
             }
-            let mut links = wtable(txn, REPO_BLOBS)?;
-            links
-                .insert((repo.as_str(), digest.as_str()), ())
-                .map_err(ctx("insert link"))?;
-            let mut repos = wtable(txn, REPOSITORIES)?;
-            repos
-                .insert(repo.as_str(), ())
-                .map_err(ctx("insert repository"))?;
+            drop(blobs);
+            link(txn, &repo, digest.as_str())?;
             Ok(Outcome::Commit(true))
         })
         .await
@@ -343,16 +433,20 @@ impl MetaStore for RedbStore {
         let repo = repo.to_owned();
         let digest = digest.clone();
         self.write("unlink_blob", move |txn| {
-            let mut links = wtable(txn, REPO_BLOBS)?;
-            let existed = links
-                .remove((repo.as_str(), digest.as_str()))
+            let (repo, digest) = (repo.as_str(), digest.as_str());
+            let existed = wtable(txn, REPO_BLOBS)?
+                .remove((repo, digest))
                 .map_err(ctx("remove link"))?
                 .is_some();
-            Ok(if existed {
-                Outcome::Commit(true)
-            } else {
-                Outcome::Abort(false)
-            })
+            if !existed {
+                return Ok(Outcome::Abort(false));
+            }
+            wtable(txn, BLOB_LINKS)?
+                .remove((digest, repo))
+                .map_err(ctx("remove link"))?;
+            gc::touch(txn, BLOB, "", digest, unix_now())?;
+            gc::prune_if_empty(txn, repo)?;
+            Ok(Outcome::Commit(true))
         })
         .await
     }
@@ -366,15 +460,20 @@ impl MetaStore for RedbStore {
         record: ManifestRecord,
         tag: Option<&str>,
         referrer: Option<Referrer>,
-    ) -> MetaResult<()> {
+    ) -> MetaResult<ManifestPut> {
         let repo = repo.to_owned();
         let digest = digest.clone();
         let tag = tag.map(str::to_owned);
         self.write("put_manifest", move |txn| {
             let repo = repo.as_str();
             let digest = digest.as_str();
+            // Decided here, in the transaction a concurrent collection serializes with.
+            if let Some(missing) = missing_reference(txn, repo, &record.references)? {
+                return Ok(Outcome::Abort(ManifestPut::MissingReference(missing)));
+            }
+            let now = unix_now();
             let mut referrers = wtable(txn, REFERRERS)?;
-            {
+            let is_new = {
                 let mut manifests = wtable(txn, MANIFESTS)?;
                 let value = (
                     record.media_type.as_str(),
@@ -385,7 +484,7 @@ impl MetaStore for RedbStore {
                     .insert((repo, digest), value)
                     .map_err(ctx("insert manifest"))?;
                 // A replaced record whose subject no longer holds leaves no stale referrer.
-                if let Some(old) = old {
+                if let Some(old) = &old {
                     if let (_, Some(old_subject), _) = old.value() {
                         let still = referrer
                             .as_ref()
@@ -397,20 +496,36 @@ impl MetaStore for RedbStore {
                         }
                     }
                 }
-            }
+                old.is_none()
+            };
             if let Some(r) = &referrer {
                 referrers
                     .insert((repo, r.subject.as_str(), digest), &r.descriptor[..])
                     .map_err(ctx("insert referrer"))?;
             }
-            if let Some(tag) = &tag {
-                let mut tags = wtable(txn, TAGS)?;
-                tags.insert((repo, tag.as_str()), digest)
-                    .map_err(ctx("insert tag"))?;
+            drop(referrers);
+            // Same digest, same body, same references: counted once.
+            if is_new {
+                gc::add_references(txn, repo, digest, &record.references)?;
+            }
+            match &tag {
+                Some(tag) => {
+                    let moved_from = wtable(txn, TAGS)?
+                        .insert((repo, tag.as_str()), digest)
+                        .map_err(ctx("insert tag"))?
+                        .map(|g| g.value().to_owned());
+                    wtable(txn, TAG_TIMES)?
+                        .insert((repo, tag.as_str()), now)
+                        .map_err(ctx("insert tag time"))?;
+                    if let Some(old) = moved_from.filter(|old| old != digest) {
+                        gc::touch(txn, MANIFEST, repo, &old, now)?;
+                    }
+                }
+                None => gc::touch(txn, MANIFEST, repo, digest, now)?,
             }
             let mut repos = wtable(txn, REPOSITORIES)?;
             repos.insert(repo, ()).map_err(ctx("insert repository"))?;
-            Ok(Outcome::Commit(()))
+            Ok(Outcome::Commit(ManifestPut::Stored))
         })
         .await
     }
@@ -445,42 +560,12 @@ impl MetaStore for RedbStore {
         let repo = repo.to_owned();
         let digest = digest.clone();
         self.write("delete_manifest", move |txn| {
-            let repo = repo.as_str();
-            let digest = digest.as_str();
-            let mut manifests = wtable(txn, MANIFESTS)?;
-            let Some(old) = manifests
-                .remove((repo, digest))
-                .map_err(ctx("remove manifest"))?
-            else {
-                return Ok(Outcome::Abort(false));
-            };
-            if let (_, Some(subject), _) = old.value() {
-                let mut referrers = wtable(txn, REFERRERS)?;
-                referrers
-                    .remove((repo, subject, digest))
-                    .map_err(ctx("remove referrer"))?;
-            }
-            drop(old);
-            let mut tags = wtable(txn, TAGS)?;
-            // All of the repo's tags: from (repo, "") while the repo matches.
-            let mut doomed = Vec::new();
-            for entry in tags
-                .range::<(&str, &str)>((repo, "")..)
-                .map_err(ctx("scan tags"))?
-            {
-                let (k, v) = entry.map_err(ctx("scan tags"))?;
-                let (r, t) = k.value();
-                if r != repo {
-                    break;
-                }
-                if v.value() == digest {
-                    doomed.push(t.to_owned());
-                }
-            }
-            for t in &doomed {
-                tags.remove((repo, t.as_str())).map_err(ctx("remove tag"))?;
-            }
-            Ok(Outcome::Commit(true))
+            Ok(
+                match gc::remove_manifest(txn, &repo, digest.as_str(), unix_now())? {
+                    Some(_) => Outcome::Commit(true),
+                    None => Outcome::Abort(false),
+                },
+            )
         })
         .await
     }
@@ -489,12 +574,7 @@ impl MetaStore for RedbStore {
         let repo = repo.to_owned();
         let tag = tag.to_owned();
         self.write("delete_tag", move |txn| {
-            let mut tags = wtable(txn, TAGS)?;
-            let existed = tags
-                .remove((repo.as_str(), tag.as_str()))
-                .map_err(ctx("remove tag"))?
-                .is_some();
-            Ok(if existed {
+            Ok(if untag(txn, &repo, &tag, None)? {
                 Outcome::Commit(true)
             } else {
                 Outcome::Abort(false)
@@ -722,12 +802,8 @@ impl MetaStore for RedbStore {
                     Linked::New
                 }
             };
-            let mut links = wtable(txn, REPO_BLOBS)?;
-            links
-                .insert((repo, digest), ())
-                .map_err(ctx("insert link"))?;
-            let mut repos = wtable(txn, REPOSITORIES)?;
-            repos.insert(repo, ()).map_err(ctx("insert repository"))?;
+            drop(blobs);
+            link(txn, repo, digest)?;
             Ok(Outcome::Commit(linked))
         })
         .await
@@ -752,6 +828,288 @@ impl MetaStore for RedbStore {
                 .insert("watermark", watermark.as_str())
                 .map_err(ctx("set watermark"))?;
             Ok(Outcome::Commit(()))
+        })
+        .await
+    }
+
+    // ---- garbage collection ----
+
+    async fn gc_candidates(
+        &self,
+        kind: CandidateKind,
+        cutoff: u64,
+        limit: usize,
+    ) -> MetaResult<Vec<QueuedCandidate>> {
+        let txn = self.read()?;
+        let due = rtable(&txn, GC_DUE)?;
+        let k = gc::kind_code(kind);
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        let end = (k, cutoff.saturating_add(1), "", "");
+        let range = if cutoff == u64::MAX {
+            due.range::<(u8, u64, &str, &str)>((k, 0, "", "")..)
+        } else {
+            due.range::<(u8, u64, &str, &str)>((k, 0, "", "")..end)
+        }
+        .map_err(ctx("gc_candidates"))?;
+        for entry in range {
+            let (key, _) = entry.map_err(ctx("gc_candidates"))?;
+            let (kind, since, repo, digest) = key.value();
+            if kind != k {
+                break;
+            }
+            out.push(QueuedCandidate {
+                candidate: gc::candidate(kind, repo, digest)?,
+                since,
+            });
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn gc_queue_len(&self) -> MetaResult<u64> {
+        let txn = self.read()?;
+        let queue = rtable(&txn, GC_QUEUE)?;
+        queue.len().map_err(ctx("gc_queue_len"))
+    }
+
+    async fn gc_enqueue(&self, candidates: &[Candidate], now: u64) -> MetaResult<()> {
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let candidates = candidates.to_vec();
+        self.write("gc_enqueue", move |txn| {
+            for c in &candidates {
+                let (kind, repo, digest) = gc::candidate_key(c);
+                gc::enqueue_if_absent(txn, kind, repo, digest, now)?;
+            }
+            Ok(Outcome::Commit(()))
+        })
+        .await
+    }
+
+    async fn gc_dequeue(&self, candidate: &Candidate) -> MetaResult<()> {
+        let candidate = candidate.clone();
+        self.write("gc_dequeue", move |txn| {
+            let (kind, repo, digest) = gc::candidate_key(&candidate);
+            gc::dequeue(txn, kind, repo, digest)?;
+            Ok(Outcome::Commit(()))
+        })
+        .await
+    }
+
+    async fn collect_blob(&self, digest: &Digest, cutoff: u64) -> MetaResult<BlobCollection> {
+        let digest = digest.clone();
+        self.write("collect_blob", move |txn| {
+            let digest = digest.as_str();
+            match gc::queued(txn, BLOB, "", digest)? {
+                Some(since) if since <= cutoff => {}
+                // Touched within the grace (an upload, a mount, an unlink), or not queued.
+                _ => return Ok(Outcome::Abort(BlobCollection::default())),
+            }
+            let mut out = BlobCollection::default();
+            let (linked, referencing) = {
+                let links = wtable(txn, BLOB_LINKS)?;
+                let refs = wtable(txn, REFS)?;
+                (gc::repos_of(&links, digest)?, gc::repos_of(&refs, digest)?)
+            };
+            {
+                let mut links = wtable(txn, REPO_BLOBS)?;
+                let mut reverse = wtable(txn, BLOB_LINKS)?;
+                for repo in linked {
+                    if referencing.contains(&repo) {
+                        continue;
+                    }
+                    links
+                        .remove((repo.as_str(), digest))
+                        .map_err(ctx("remove link"))?;
+                    reverse
+                        .remove((digest, repo.as_str()))
+                        .map_err(ctx("remove link"))?;
+                    out.unlinked.push(repo);
+                }
+            }
+            if referencing.is_empty() {
+                out.deleted = wtable(txn, BLOBS)?
+                    .remove(digest)
+                    .map_err(ctx("remove blob"))?
+                    .map(|g| blob_value(g.value()));
+            }
+            gc::dequeue(txn, BLOB, "", digest)?;
+            for repo in &out.unlinked {
+                if gc::prune_if_empty(txn, repo)? {
+                    out.pruned.push(repo.clone());
+                }
+            }
+            Ok(Outcome::Commit(out))
+        })
+        .await
+    }
+
+    async fn collect_manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        cutoff: u64,
+    ) -> MetaResult<Option<ManifestRecord>> {
+        let repo = repo.to_owned();
+        let digest = digest.clone();
+        self.write("collect_manifest", move |txn| {
+            let (repo, digest) = (repo.as_str(), digest.as_str());
+            match gc::queued(txn, MANIFEST, repo, digest)? {
+                Some(since) if since <= cutoff => {}
+                _ => return Ok(Outcome::Abort(None)),
+            }
+            gc::dequeue(txn, MANIFEST, repo, digest)?;
+            let subject = {
+                let manifests = wtable(txn, MANIFESTS)?;
+                let found = manifests
+                    .get((repo, digest))
+                    .map_err(ctx("read manifest"))?;
+                match found {
+                    None => return Ok(Outcome::Commit(None)),
+                    Some(g) => g.value().1.map(str::to_owned),
+                }
+            };
+            let live_subject = match &subject {
+                Some(s) => wtable(txn, MANIFESTS)?
+                    .get((repo, s.as_str()))
+                    .map_err(ctx("read subject"))?
+                    .is_some(),
+                None => false,
+            };
+            let listed = wtable(txn, REFS)?
+                .get((digest, repo))
+                .map_err(ctx("read refs"))?
+                .is_some();
+            if live_subject || listed || !gc::tags_pointing_at(txn, repo, digest)?.is_empty() {
+                // Alive; an untag, an index delete or its subject's delete queues it again.
+                return Ok(Outcome::Commit(None));
+            }
+            let removed = gc::remove_manifest(txn, repo, digest, unix_now())?;
+            Ok(Outcome::Commit(removed))
+        })
+        .await
+    }
+
+    async fn blobs(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> MetaResult<Vec<(Digest, BlobRecord)>> {
+        let txn = self.read()?;
+        let blobs = rtable(&txn, BLOBS)?;
+        let start = match after {
+            Some(d) => Bound::Excluded(d.as_str()),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for entry in blobs
+            .range::<&str>((start, Bound::Unbounded))
+            .map_err(ctx("blobs"))?
+            .take(limit)
+        {
+            let (k, v) = entry.map_err(ctx("blobs"))?;
+            out.push((parse_digest("blobs", k.value())?, blob_value(v.value())));
+        }
+        Ok(out)
+    }
+
+    async fn is_referenced(&self, digest: &Digest) -> MetaResult<bool> {
+        let txn = self.read()?;
+        let refs = rtable(&txn, REFS)?;
+        gc::referenced_anywhere(&refs, digest.as_str())
+    }
+
+    async fn repo_manifests(
+        &self,
+        repo: &str,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> MetaResult<Vec<Digest>> {
+        let txn = self.read()?;
+        let manifests = rtable(&txn, MANIFESTS)?;
+        let start = match after {
+            Some(d) => Bound::Excluded((repo, d.as_str())),
+            None => Bound::Included((repo, "")),
+        };
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        for entry in manifests
+            .range::<(&str, &str)>((start, Bound::Unbounded))
+            .map_err(ctx("repo_manifests"))?
+        {
+            let (k, _) = entry.map_err(ctx("repo_manifests"))?;
+            let (r, d) = k.value();
+            if r != repo {
+                break;
+            }
+            out.push(parse_digest("manifests", d)?);
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn tag_details(
+        &self,
+        repo: &str,
+        last: Option<&str>,
+        limit: usize,
+    ) -> MetaResult<Vec<TagInfo>> {
+        let txn = self.read()?;
+        let tags = rtable(&txn, TAGS)?;
+        let times = rtable(&txn, TAG_TIMES)?;
+        let start = match last {
+            Some(last) => Bound::Excluded((repo, last)),
+            None => Bound::Included((repo, "")),
+        };
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        for entry in tags
+            .range::<(&str, &str)>((start, Bound::Unbounded))
+            .map_err(ctx("tag_details"))?
+        {
+            let (k, v) = entry.map_err(ctx("tag_details"))?;
+            let (r, t) = k.value();
+            if r != repo {
+                break;
+            }
+            let updated = times
+                .get((r, t))
+                .map_err(ctx("tag_details"))?
+                .map_or(0, |g| g.value());
+            out.push(TagInfo {
+                tag: t.to_owned(),
+                digest: parse_digest("tags", v.value())?,
+                updated,
+            });
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn delete_tag_if(&self, repo: &str, tag: &str, digest: &Digest) -> MetaResult<bool> {
+        let repo = repo.to_owned();
+        let tag = tag.to_owned();
+        let digest = digest.clone();
+        self.write("delete_tag_if", move |txn| {
+            Ok(if untag(txn, &repo, &tag, Some(&digest))? {
+                Outcome::Commit(true)
+            } else {
+                Outcome::Abort(false)
+            })
         })
         .await
     }
@@ -784,6 +1142,7 @@ mod tests {
             media_type: "application/vnd.oci.image.manifest.v1+json".to_owned(),
             body: Bytes::copy_from_slice(body.as_bytes()),
             subject,
+            references: Vec::new(),
         }
     }
 
@@ -927,13 +1286,15 @@ mod tests {
         assert!(s.repository_exists("dst").await.unwrap());
         assert_eq!(s.repo_blob("dst", &d).await.unwrap(), Some(blob("k1", 10)));
 
-        // Unlink removes only that repo's link; the global record and the repository stay.
+        // Unlink removes only that repo's link; the global record stays. The repository,
+        // with nothing left in it, leaves the catalog.
         assert!(s.unlink_blob("dst", &d).await.unwrap());
         assert!(!s.unlink_blob("dst", &d).await.unwrap());
         assert_eq!(s.repo_blob("dst", &d).await.unwrap(), None);
         assert_eq!(s.repo_blob("src", &d).await.unwrap(), Some(blob("k1", 10)));
         assert_eq!(s.blob(&d).await.unwrap(), Some(blob("k1", 10)));
-        assert!(s.repository_exists("dst").await.unwrap());
+        assert!(!s.repository_exists("dst").await.unwrap());
+        assert!(s.repository_exists("src").await.unwrap());
     }
 
     #[tokio::test]
@@ -1332,4 +1693,339 @@ mod tests {
         assert_eq!(tags[15], "t15");
         assert_eq!(resolve_tag(&s, "c", "t07").await, Some(digest(7)));
     }
+
+    fn with_refs(body: &str, refs: &[&Digest]) -> ManifestRecord {
+        ManifestRecord {
+            references: refs.iter().map(|d| (*d).clone()).collect(),
+            ..manifest(body, None)
+        }
+    }
+
+    async fn upload(s: &RedbStore, repo: &str, d: &Digest) {
+        let id = format!("u-{repo}-{}", &d.as_str()[7..15]);
+        s.create_upload(&session(&id, 1)).await.unwrap();
+        s.finish_upload(&id, repo, d, blob(&format!("blobs/{id}"), 10))
+            .await
+            .unwrap();
+    }
+
+    fn due(q: Vec<QueuedCandidate>) -> Vec<Candidate> {
+        q.into_iter().map(|q| q.candidate).collect()
+    }
+
+    #[tokio::test]
+    async fn put_manifest_needs_its_references_at_commit() {
+        let (_dir, s) = store();
+        let (layer, m) = (digest(1), digest(2));
+        let put = s
+            .put_manifest("r", &m, with_refs("{}", &[&layer]), Some("t"), None)
+            .await
+            .unwrap();
+        assert_eq!(put, ManifestPut::MissingReference(layer.clone()));
+        assert_eq!(s.manifest("r", &m).await.unwrap(), None);
+        assert!(!s.repository_exists("r").await.unwrap());
+        // Linked in another repository is not enough.
+        upload(&s, "other", &layer).await;
+        let put = s
+            .put_manifest("r", &m, with_refs("{}", &[&layer]), Some("t"), None)
+            .await
+            .unwrap();
+        assert_eq!(put, ManifestPut::MissingReference(layer.clone()));
+        upload(&s, "r", &layer).await;
+        let put = s
+            .put_manifest("r", &m, with_refs("{}", &[&layer]), Some("t"), None)
+            .await
+            .unwrap();
+        assert_eq!(put, ManifestPut::Stored);
+        assert_eq!(
+            s.manifest("r", &m).await.unwrap().unwrap().references,
+            vec![layer.clone()]
+        );
+        // An index's children are manifests of the repository.
+        let index = digest(3);
+        let put = s
+            .put_manifest(
+                "r",
+                &index,
+                with_refs("{\"i\":1}", &[&m]),
+                Some("multi"),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(put, ManifestPut::Stored);
+        assert!(s.is_referenced(&m).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn collect_blob_waits_for_the_grace_and_references() {
+        let (_dir, s) = store();
+        let (shared, only_a, ma, mb) = (digest(1), digest(2), digest(3), digest(4));
+        for d in [&shared, &only_a] {
+            upload(&s, "a", d).await;
+        }
+        upload(&s, "b", &shared).await;
+        s.put_manifest(
+            "a",
+            &ma,
+            with_refs("{\"a\":1}", &[&shared, &only_a]),
+            Some("v1"),
+            None,
+        )
+        .await
+        .unwrap();
+        s.put_manifest(
+            "b",
+            &mb,
+            with_refs("{\"b\":1}", &[&shared]),
+            Some("v1"),
+            None,
+        )
+        .await
+        .unwrap();
+        let now = unix_now();
+        // Uploads queue their blobs: referenced ones are dequeued when looked at.
+        let queued = due(s
+            .gc_candidates(CandidateKind::Blob, now, 100)
+            .await
+            .unwrap());
+        assert!(queued.contains(&Candidate::Blob(shared.clone())));
+        assert_eq!(
+            s.collect_blob(&shared, now).await.unwrap(),
+            BlobCollection::default()
+        );
+        assert!(!due(s
+            .gc_candidates(CandidateKind::Blob, now, 100)
+            .await
+            .unwrap())
+        .contains(&Candidate::Blob(shared.clone())));
+
+        assert!(s.delete_manifest("a", &ma).await.unwrap());
+        assert!(!s.is_referenced(&only_a).await.unwrap());
+        assert!(s.is_referenced(&shared).await.unwrap());
+        // Touched by the delete just now: not due with a cutoff before now.
+        let early = now.saturating_sub(10);
+        assert_eq!(
+            s.collect_blob(&only_a, early).await.unwrap(),
+            BlobCollection::default()
+        );
+        assert!(s.blob(&only_a).await.unwrap().is_some());
+
+        let late = unix_now();
+        let got = s.collect_blob(&only_a, late).await.unwrap();
+        assert_eq!(got.deleted.as_ref().map(|r| r.size), Some(10));
+        assert_eq!(got.unlinked, vec!["a".to_owned()]);
+        assert!(got.pruned.is_empty(), "a still links shared");
+        assert_eq!(s.blob(&only_a).await.unwrap(), None);
+        // Shared: a's link goes (no manifest of a uses it), b keeps it and the record.
+        let got = s.collect_blob(&shared, late).await.unwrap();
+        assert_eq!(got.deleted, None);
+        assert_eq!(got.unlinked, vec!["a".to_owned()]);
+        assert_eq!(got.pruned, vec!["a".to_owned()]);
+        assert!(!s.repository_exists("a").await.unwrap());
+        assert!(s.repo_blob("b", &shared).await.unwrap().is_some());
+        assert_eq!(s.repositories(None, 10).await.unwrap(), vec!["b"]);
+        // The queue is empty again.
+        assert_eq!(s.gc_queue_len().await.unwrap(), 0);
+
+        // A manifest PUT after the collection loses: the blob is gone from the repository.
+        let again = s
+            .put_manifest(
+                "a",
+                &ma,
+                with_refs("{\"a\":1}", &[&shared, &only_a]),
+                None,
+                None,
+            )
+            .await
+            .unwrap();
+        assert!(matches!(again, ManifestPut::MissingReference(_)));
+        // A mount of a collected blob fails; a mount touches a live one.
+        assert!(!s.link_blob("c", &only_a).await.unwrap());
+        assert!(s.link_blob("c", &shared).await.unwrap());
+        let queued = s
+            .gc_candidates(CandidateKind::Blob, u64::MAX, 10)
+            .await
+            .unwrap();
+        assert_eq!(queued.len(), 1);
+        assert!(queued[0].since >= late);
+    }
+
+    #[tokio::test]
+    async fn untagged_manifests_and_their_keepers() {
+        let (_dir, s) = store();
+        let layer = digest(1);
+        upload(&s, "r", &layer).await;
+        let (child, index, sig, plain) = (digest(2), digest(3), digest(4), digest(5));
+        s.put_manifest("r", &child, with_refs("{\"c\":1}", &[&layer]), None, None)
+            .await
+            .unwrap();
+        s.put_manifest(
+            "r",
+            &index,
+            with_refs("{\"i\":1}", &[&child]),
+            Some("multi"),
+            None,
+        )
+        .await
+        .unwrap();
+        s.put_manifest(
+            "r",
+            &sig,
+            ManifestRecord {
+                subject: Some(index.clone()),
+                ..with_refs("{\"s\":1}", &[&layer])
+            },
+            None,
+            Some(Referrer {
+                subject: index.clone(),
+                descriptor: Bytes::from_static(b"{}"),
+            }),
+        )
+        .await
+        .unwrap();
+        s.put_manifest(
+            "r",
+            &plain,
+            with_refs("{\"p\":1}", &[&layer]),
+            Some("v1"),
+            None,
+        )
+        .await
+        .unwrap();
+        let now = unix_now();
+        // Listed by an index, a referrer of a live manifest, tagged: all stay.
+        for d in [&child, &sig, &plain, &index] {
+            assert_eq!(s.collect_manifest("r", d, now).await.unwrap(), None, "{d}");
+        }
+        assert_eq!(
+            s.gc_candidates(CandidateKind::Manifest, u64::MAX, 10)
+                .await
+                .unwrap(),
+            vec![]
+        );
+        // A retention delete that lost the race to a re-push deletes nothing.
+        assert!(!s.delete_tag_if("r", "v1", &child).await.unwrap());
+        assert!(s.delete_tag_if("r", "v1", &plain).await.unwrap());
+        // Untagged now: queued, and collected once due.
+        let got = s.collect_manifest("r", &plain, unix_now()).await.unwrap();
+        assert_eq!(got.unwrap().references, vec![layer.clone()]);
+        // Deleting the index frees its child and orphans its referrer.
+        assert!(s.delete_manifest("r", &index).await.unwrap());
+        let queued = due(s
+            .gc_candidates(CandidateKind::Manifest, u64::MAX, 10)
+            .await
+            .unwrap());
+        assert!(queued.contains(&Candidate::Manifest {
+            repo: "r".into(),
+            digest: child.clone()
+        }));
+        assert!(queued.contains(&Candidate::Manifest {
+            repo: "r".into(),
+            digest: sig.clone()
+        }));
+        let t = unix_now();
+        assert!(s.collect_manifest("r", &child, t).await.unwrap().is_some());
+        assert!(s.collect_manifest("r", &sig, t).await.unwrap().is_some());
+        // The layer is free now; nothing else is left but its link.
+        assert!(!s.is_referenced(&layer).await.unwrap());
+        let got = s.collect_blob(&layer, unix_now()).await.unwrap();
+        assert!(got.deleted.is_some());
+        assert_eq!(got.pruned, vec!["r".to_owned()]);
+        assert!(s.repositories(None, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn tag_details_have_push_times() {
+        let (_dir, s) = store();
+        let d = digest(1);
+        let before = unix_now();
+        s.put_manifest("r", &d, manifest("{}", None), Some("a"), None)
+            .await
+            .unwrap();
+        let got = s.tag_details("r", None, 10).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].tag.as_str(), &got[0].digest), ("a", &d));
+        assert!(got[0].updated >= before && got[0].updated <= unix_now());
+        assert_eq!(
+            s.repo_manifests("r", None, 10).await.unwrap(),
+            vec![d.clone()]
+        );
+        assert!(s
+            .repo_manifests("r", Some(&d), 10)
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(s.blobs(None, 10).await.unwrap(), vec![]);
+    }
+
+    #[tokio::test]
+    async fn database_from_before_the_reference_index_is_upgraded_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        let (layer, stray, m) = (digest(1), digest(2), digest(3));
+        let body = format!(
+            r#"{{"schemaVersion":2,"config":{{"digest":"{layer}","size":10}},"layers":[{{"digest":"{layer}","size":10}},{{"digest":"{stray}","size":1,"urls":["http://x"]}}]}}"#
+        );
+        {
+            // The tables as main wrote them, and nothing else.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(BLOBS)
+                .unwrap()
+                .insert(layer.as_str(), (10, "blobs/l"))
+                .unwrap();
+            txn.open_table(BLOBS)
+                .unwrap()
+                .insert(stray.as_str(), (1, "blobs/s"))
+                .unwrap();
+            for d in [&layer, &stray] {
+                txn.open_table(REPO_BLOBS)
+                    .unwrap()
+                    .insert(("r", d.as_str()), ())
+                    .unwrap();
+            }
+            txn.open_table(MANIFESTS)
+                .unwrap()
+                .insert(("r", m.as_str()), (OCI, None, body.as_bytes()))
+                .unwrap();
+            txn.open_table(TAGS)
+                .unwrap()
+                .insert(("r", "v1"), m.as_str())
+                .unwrap();
+            txn.open_table(REPOSITORIES)
+                .unwrap()
+                .insert("r", ())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let s = RedbStore::open(&path).unwrap();
+        let got = s.manifest("r", &m).await.unwrap().unwrap();
+        // The foreign layer is not a reference; the config and layer count once.
+        assert_eq!(got.references, vec![layer.clone()]);
+        assert!(s.is_referenced(&layer).await.unwrap());
+        assert!(!s.is_referenced(&stray).await.unwrap());
+        let queued = due(s
+            .gc_candidates(CandidateKind::Blob, u64::MAX, 10)
+            .await
+            .unwrap());
+        assert_eq!(queued, vec![Candidate::Blob(stray.clone())]);
+        let t = s.tag_details("r", None, 10).await.unwrap();
+        assert_eq!(t[0].digest, m);
+        assert!(t[0].updated > 0);
+        // Reverse links were built: collecting the stray removes its link.
+        let got = s.collect_blob(&stray, u64::MAX).await.unwrap();
+        assert_eq!(got.unlinked, vec!["r".to_owned()]);
+        assert!(got.deleted.is_some());
+        drop(s);
+        // Upgraded once: reopening changes nothing.
+        let s = RedbStore::open(&path).unwrap();
+        assert_eq!(
+            s.manifest("r", &m).await.unwrap().unwrap().references,
+            vec![layer]
+        );
+        assert_eq!(s.blob(&stray).await.unwrap(), None);
+    }
+
+    const OCI: &str = "application/vnd.oci.image.manifest.v1+json";
 }

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::names::{Digest, Reference};
 use super::{Registry, RegistryError, RegistryResult};
-use crate::meta::{ManifestRecord, Referrer};
+use crate::meta::{ManifestPut, ManifestRecord, Referrer};
 
 /// Largest manifest accepted (distribution's limit).
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
@@ -134,7 +134,7 @@ impl Registry {
             Reference::Tag(t) => Some(t.as_str()),
             Reference::Digest(_) => None,
         };
-        let (digest, record) = self.store_parsed(repo, m, tag).await?;
+        let (digest, record) = self.store_parsed(repo, m, tag, false).await?;
         Ok(PushedManifest {
             digest,
             subject: record.subject,
@@ -154,7 +154,7 @@ impl Registry {
             fetched.body,
             Some(&fetched.digest),
         )?;
-        let (digest, record) = self.store_parsed(repo, m, tag).await?;
+        let (digest, record) = self.store_parsed(repo, m, tag, true).await?;
         Ok(FoundManifest { digest, record })
     }
 
@@ -163,6 +163,7 @@ impl Registry {
         repo: &str,
         m: Parsed,
         tag: Option<&str>,
+        mirrored: bool,
     ) -> RegistryResult<(Digest, ManifestRecord)> {
         let subject = match &m.fields.subject {
             Some(s) => Some(Digest::parse(&s.digest).ok_or_else(|| {
@@ -174,15 +175,31 @@ impl Registry {
             subject: s.clone(),
             descriptor: referrer_descriptor(&m.media_type, &m.digest, m.body.len(), &m.fields),
         });
+        // A mirror stores a manifest before it has fetched its blobs, so it records no
+        // references (GC then treats mirrored blobs as a cache: collected after the grace,
+        // fetched again on demand).
+        let references = if mirrored {
+            Vec::new()
+        } else {
+            references_of(&m.media_type, &m.fields)
+        };
         let record = ManifestRecord {
+            references,
             media_type: m.media_type,
             body: m.body,
             subject,
         };
-        self.meta
+        match self
+            .meta
             .put_manifest(repo, &m.digest, record.clone(), tag, referrer)
-            .await?;
-        Ok((m.digest, record))
+            .await?
+        {
+            ManifestPut::Stored => Ok((m.digest, record)),
+            // Collected (or unlinked, deleted) after check_references: the push loses.
+            ManifestPut::MissingReference(d) => Err(RegistryError::ManifestBlobUnknown(format!(
+                "{d} is unknown to {repo}"
+            ))),
+        }
     }
 
     /// DELETE by digest removes the manifest and its tags; by tag, only the tag.
@@ -237,8 +254,7 @@ impl Registry {
         media_type: &str,
         m: &ManifestFields,
     ) -> RegistryResult<()> {
-        let is_index = media_type == OCI_INDEX || media_type == DOCKER_LIST;
-        if is_index {
+        if is_index(media_type) {
             for child in m.manifests.iter().flatten() {
                 let d = descriptor_digest(child)?;
                 if self.meta.manifest(repo, &d).await?.is_none() {
@@ -286,6 +302,42 @@ impl Registry {
             }
         }
         Ok(())
+    }
+}
+
+fn is_index(media_type: &str) -> bool {
+    media_type == OCI_INDEX || media_type == DOCKER_LIST
+}
+
+/// What a manifest references (see [`ManifestRecord::references`]): an index's manifests; an
+/// image manifest's config and layers, without foreign layers. Deduplicated, first-seen order.
+fn references_of(media_type: &str, m: &ManifestFields) -> Vec<Digest> {
+    let descriptors: Vec<&Descriptor> = if is_index(media_type) {
+        m.manifests.iter().flatten().collect()
+    } else {
+        m.config
+            .iter()
+            .chain(m.layers.iter().flatten())
+            .filter(|d| d.urls.is_empty())
+            .collect()
+    };
+    let mut out: Vec<Digest> = Vec::with_capacity(descriptors.len());
+    for d in descriptors {
+        if let Some(d) = Digest::parse(&d.digest) {
+            if !out.contains(&d) {
+                out.push(d);
+            }
+        }
+    }
+    out
+}
+
+/// The references of a stored manifest body (for a reference index built after the fact);
+/// empty if the body does not parse.
+pub fn references(media_type: &str, body: &[u8]) -> Vec<Digest> {
+    match serde_json::from_slice::<ManifestFields>(body) {
+        Ok(fields) => references_of(media_type, &fields),
+        Err(_) => Vec::new(),
     }
 }
 

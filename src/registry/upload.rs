@@ -212,7 +212,7 @@ impl Registry {
         body: &mut dyn BodySource,
     ) -> RegistryResult<()> {
         // Already stored: verify the client really has these bytes, but don't store them again.
-        if let Some(existing) = self.meta.blob(digest).await? {
+        if self.meta.blob(digest).await?.is_some() {
             let mut hasher = BlobHasher::new();
             let mut n = 0u64;
             while let Some(chunk) = body.next_chunk().await.map_err(client_gone)? {
@@ -226,9 +226,13 @@ impl Registry {
                 self.meta.delete_upload(&session.id).await?;
                 return Err(e);
             }
-            self.meta
-                .finish_upload(&session.id, &session.repo, digest, existing)
-                .await?;
+            if !self.link_existing(&session, digest).await? {
+                // Collected since it was looked up, and these bytes were not kept.
+                self.meta.delete_upload(&session.id).await?;
+                return Err(RegistryError::Unavailable(format!(
+                    "blob {digest} was garbage-collected during the upload: upload it again"
+                )));
+            }
             return Ok(());
         }
 
@@ -275,6 +279,22 @@ impl Registry {
         }
         self.link_finished(&session, &session.key, digest, len)
             .await
+    }
+
+    /// Links the already stored `digest` into the session's repository and ends the session.
+    /// False (the session stays) if the digest is no longer stored: garbage collection took it
+    /// after it was looked up. The link is made in the store's transaction, never from a
+    /// record read earlier, so a collected blob's record never comes back.
+    async fn link_existing(
+        &self,
+        session: &UploadSession,
+        digest: &Digest,
+    ) -> RegistryResult<bool> {
+        if !self.meta.link_blob(&session.repo, digest).await? {
+            return Ok(false);
+        }
+        self.meta.delete_upload(&session.id).await?;
+        Ok(true)
     }
 
     /// Records the finished blob, its bytes at `key`.
@@ -648,16 +668,17 @@ impl<'a> PartWriter<'a> {
             return Err(e);
         }
         let key = self.session.key.clone();
-        if let Some(existing) = self.reg.meta.blob(digest).await? {
-            // The bytes are already stored (a re-push): link those and drop this copy before
-            // it is ever completed, rather than writing it and deleting it again.
+        // The bytes are already stored (a re-push): link those and drop this copy before it is
+        // ever completed, rather than writing it and deleting it again. If they were collected
+        // in between, this copy is completed as a new blob below.
+        if self.reg.meta.blob(digest).await?.is_some()
+            && self.reg.link_existing(&self.session, digest).await?
+        {
             if let Some(upload_id) = &self.session.multipart_id {
-                self.reg.store.abort_multipart(&key, upload_id).await?;
+                if let Err(e) = self.reg.store.abort_multipart(&key, upload_id).await {
+                    log::warn!("could not abort redundant upload {key}: {e}");
+                }
             }
-            self.reg
-                .meta
-                .finish_upload(&self.session.id, &self.session.repo, digest, existing)
-                .await?;
             return Ok(());
         }
         let last = self.buf.split().freeze();

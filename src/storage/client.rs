@@ -469,6 +469,55 @@ pub fn parse_list(body: &[u8]) -> Option<ListPage> {
     })
 }
 
+#[derive(Deserialize)]
+struct ListUploadsXml {
+    #[serde(rename = "Upload", default)]
+    uploads: Vec<UploadXml>,
+    #[serde(rename = "IsTruncated", default)]
+    truncated: Option<bool>,
+    #[serde(rename = "NextKeyMarker", default)]
+    next_key: Option<String>,
+    #[serde(rename = "NextUploadIdMarker", default)]
+    next_upload: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct UploadXml {
+    #[serde(rename = "Key")]
+    key: String,
+    #[serde(rename = "UploadId")]
+    upload_id: String,
+    #[serde(rename = "Initiated", default)]
+    initiated: Option<String>,
+}
+
+/// A ListMultipartUploads result page.
+pub fn parse_list_uploads(body: &[u8]) -> Option<super::MultipartPage> {
+    let text = std::str::from_utf8(body).ok()?;
+    let r: ListUploadsXml = quick_xml::de::from_str(text).ok()?;
+    let next = match (r.truncated, r.next_key, r.next_upload) {
+        (Some(true), Some(k), u) => Some((k, u.unwrap_or_default())),
+        _ => None,
+    };
+    Some(super::MultipartPage {
+        uploads: r
+            .uploads
+            .into_iter()
+            .map(|u| super::MultipartInfo {
+                initiated: u.initiated.as_deref().and_then(parse_time),
+                key: u.key,
+                upload_id: u.upload_id,
+            })
+            .collect(),
+        next,
+    })
+}
+
+/// S3's ISO 8601 times (`2026-12-02T16:00:00.000Z`).
+pub fn parse_time(s: &str) -> Option<std::time::SystemTime> {
+    humantime::parse_rfc3339_weak(s.trim_end_matches('Z')).ok()
+}
+
 /// The CompleteMultipartUpload request document.
 pub fn complete_body(parts: &[(u32, String)]) -> String {
     let mut s = String::with_capacity(100 + parts.len() * 90);

@@ -115,6 +115,21 @@ impl ObjectStream {
 /// Where verified blobs live, under the prefix: see [`ObjectStore::verified_blob_key`].
 pub const VERIFIED_BLOBS: &str = "blobs/sha256/";
 
+/// An incomplete multipart upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MultipartInfo {
+    pub key: String,
+    pub upload_id: String,
+    pub initiated: Option<std::time::SystemTime>,
+}
+
+/// A page of [`ObjectStore::list_multipart_uploads`]; `next` is (key marker, upload id marker).
+#[derive(Debug, Clone, Default)]
+pub struct MultipartPage {
+    pub uploads: Vec<MultipartInfo>,
+    pub next: Option<(String, String)>,
+}
+
 pub struct ObjectStore {
     sender: Sender,
     prefix: String,
@@ -511,6 +526,30 @@ impl ObjectStore {
         .await
     }
 
+    /// ListMultipartUploads under `prefix`, one page, continuing from `next` of the previous
+    /// page. Not every store has it (s3s-fs answers NotImplemented): the error says so. One
+    /// request.
+    pub async fn list_multipart_uploads(
+        &self,
+        prefix: &str,
+        next: Option<&(String, String)>,
+    ) -> Result<MultipartPage, StorageError> {
+        timed(StoreOp::ListMultipartUploads, async {
+            let mut query = vec![("prefix", prefix), ("uploads", "")];
+            if let Some((key, upload)) = next {
+                query.push(("key-marker", key));
+                query.push(("upload-id-marker", upload));
+            }
+            let r = self
+                .sender
+                .send(Method::GET, None, &query, SendBody::Empty)
+                .await?;
+            client::parse_list_uploads(&r.body)
+                .ok_or_else(|| malformed("ListMultipartUploads", &r.body))
+        })
+        .await
+    }
+
     /// DeleteObject. A missing object counts as success. One request.
     pub async fn delete_object(&self, key: &str) -> Result<(), StorageError> {
         timed(StoreOp::DeleteObject, async {
@@ -525,6 +564,17 @@ impl ObjectStore {
             }
         })
         .await
+    }
+}
+
+fn malformed(what: &str, body: &[u8]) -> StorageError {
+    StorageError::Failed {
+        status: 200,
+        code: "MalformedResponse".into(),
+        message: format!(
+            "unreadable {what} response: {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        ),
     }
 }
 

@@ -329,6 +329,23 @@ impl Berth {
         (out.status, text)
     }
 
+    /// Runs `berth gc <args>` with this berth's config and data directory (it asks the
+    /// running server through `metrics.listen` when that answers, else opens the stores).
+    pub fn gc(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("gc")
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--data-dir")
+            .arg(self.data_dir.path().join("data"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run berth gc")
+    }
+
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on our own child's pid.
         let rc = unsafe { libc::kill(self.pid() as i32, signal) };
