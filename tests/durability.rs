@@ -512,7 +512,11 @@ fn kill_during_pushes_then_rebuild_keeps_every_acknowledged_push() {
                 let tag = format!("t{seed}");
                 let config = format!("{{\"seed\":{seed}}}");
                 // Every third image has a multipart layer.
-                let big = if seed % 3 == 0 { 6 * MIB } else { 70_000 };
+                let big = if seed.is_multiple_of(3) {
+                    6 * MIB
+                } else {
+                    70_000
+                };
                 let layers = vec![(bytes(seed, big), true), (bytes(seed + 1000, 3000), false)];
                 match reg.try_push_image("kill/app", &tag, config.as_bytes(), &layers, None) {
                     Ok(img) => acked.lock().unwrap().push((tag, img)),
