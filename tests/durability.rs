@@ -22,9 +22,10 @@ const MIB: usize = 1 << 20;
 /// The smallest part size S3 allows: a 6 MiB layer is then a two-part multipart upload.
 const SMALL_PARTS: &str = "upload:\n  part_size: 5MiB\n";
 
+/// Distinct seeds give distinct bytes (PseudoRandom ignores a seed's lowest bit).
 fn bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut out = vec![0u8; len];
-    std::io::Read::read_exact(&mut PseudoRandom::new(seed, len as u64), &mut out).unwrap();
+    std::io::Read::read_exact(&mut PseudoRandom::new(seed * 2 + 1, len as u64), &mut out).unwrap();
     out
 }
 
@@ -511,7 +512,11 @@ fn kill_during_pushes_then_rebuild_keeps_every_acknowledged_push() {
                 let tag = format!("t{seed}");
                 let config = format!("{{\"seed\":{seed}}}");
                 // Every third image has a multipart layer.
-                let big = if seed % 3 == 0 { 6 * MIB } else { 70_000 };
+                let big = if seed.is_multiple_of(3) {
+                    6 * MIB
+                } else {
+                    70_000
+                };
                 let layers = vec![(bytes(seed, big), true), (bytes(seed + 1000, 3000), false)];
                 match reg.try_push_image("kill/app", &tag, config.as_bytes(), &layers, None) {
                     Ok(img) => acked.lock().unwrap().push((tag, img)),
@@ -639,4 +644,122 @@ fn journal_request_count_for_one_push() {
     assert_eq!(without, 13);
     assert_eq!(with, without + 4);
     assert_eq!(manifest_gets, 0);
+}
+
+/// Rebuild speed: 1,000 images of 10 blobs each (a config at its verified key, 9 layers with
+/// journal link records, a tagged manifest record), written straight into the bucket, then
+/// `berth recover`. Slow to set up (21,000 objects), so run by hand:
+/// `cargo test --release --test durability -- --ignored --nocapture rebuild_of_1000_images`.
+#[test]
+#[ignore]
+fn rebuild_of_1000_images() {
+    use berth::config::{Config, Overrides};
+    use berth::meta::journal::Op;
+    use berth::storage::{ObjectBody, ObjectStore};
+    use futures_util::StreamExt;
+
+    const IMAGES: usize = 1000;
+    const LAYERS: usize = 9;
+    let s3 = S3Server::start();
+    let cfg = Config::from_yaml(&s3.storage_yaml(), &Overrides::default(), &|_| None).unwrap();
+    let store = ObjectStore::new(&cfg.storage).unwrap();
+    let t0 = std::time::SystemTime::now() - Duration::from_secs(3600);
+    let mut objects: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut seq = 0u64;
+    let mut record = |objects: &mut Vec<(String, Vec<u8>)>, op: Op, payload: &[u8]| {
+        seq += 1;
+        let t = humantime::format_rfc3339_millis(t0 + Duration::from_millis(seq)).to_string();
+        let key = format!("berth/journal/{t}-0badc0de-{seq:08}/bench");
+        objects.push((key, op.encode(payload).to_vec()));
+    };
+    for i in 0..IMAGES {
+        let repo = format!("rebuild/r{}", i % 100);
+        let config = format!("{{\"image\":{i}}}");
+        let cd = sha256_digest(config.as_bytes());
+        objects.push((
+            format!("berth/blobs/sha256/{}/{repo}", &cd[7..]),
+            config.clone().into_bytes(),
+        ));
+        let mut layers = Vec::new();
+        for l in 0..LAYERS {
+            let data = format!("layer {l} of image {i}").into_bytes();
+            let d = sha256_digest(&data);
+            let key = format!("berth/blobs/{i:06}-{l}");
+            record(
+                &mut objects,
+                Op::Link {
+                    repo: repo.clone(),
+                    digest: d.clone(),
+                    key: key.clone(),
+                    size: data.len() as u64,
+                },
+                &[],
+            );
+            layers.push(json!({"mediaType": OCI_LAYER, "digest": d, "size": data.len()}));
+            objects.push((key, data));
+        }
+        let body = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": cd, "size": config.len()},
+            "layers": layers,
+        }))
+        .unwrap();
+        let op = Op::PutManifest {
+            repo: repo.clone(),
+            digest: sha256_digest(&body),
+            media_type: OCI_MANIFEST.into(),
+            subject: None,
+            tag: Some(format!("t{i}")),
+            referrer: None,
+        };
+        record(&mut objects, op, &body);
+    }
+    let n = objects.len();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let started = std::time::Instant::now();
+    rt.block_on(
+        futures_util::stream::iter(objects.into_iter().map(|(k, v)| {
+            let store = &store;
+            async move { store.put_object(&k, ObjectBody::Bytes(v.into())).await }
+        }))
+        .buffer_unordered(32)
+        .for_each(|r| {
+            r.unwrap();
+            async {}
+        }),
+    );
+    eprintln!("wrote {n} objects in {:.1?}", started.elapsed());
+
+    let mut b = Berth::start_with("", Some(&s3));
+    b.kill();
+    std::fs::remove_file(b.data_path().join("meta.redb")).unwrap();
+    let started = std::time::Instant::now();
+    let (status, out) = b.recover();
+    let took = started.elapsed();
+    assert!(status.success(), "{out}");
+    eprintln!(
+        "{out}\nberth recover: {IMAGES} images, {} blobs in {took:.1?}",
+        IMAGES * (LAYERS + 1)
+    );
+    b.start_again();
+    let reg = Reg::new(&b);
+    let mut tags = 0;
+    for r in 0..100 {
+        let v: Value = serde_json::from_str(
+            &reg.get(&format!("/v2/rebuild/r{r}/tags/list"))
+                .text()
+                .unwrap(),
+        )
+        .unwrap();
+        tags += v["tags"].as_array().unwrap().len();
+    }
+    assert_eq!(tags, IMAGES);
+    let r = reg.get("/v2/rebuild/r7/manifests/t107");
+    assert_eq!(r.status(), 200);
+    let m: Value = serde_json::from_slice(&r.bytes().unwrap()).unwrap();
+    for l in m["layers"].as_array().unwrap() {
+        let d = l["digest"].as_str().unwrap();
+        let r = reg.get(&format!("/v2/rebuild/r7/blobs/{d}"));
+        assert_eq!(sha256_digest(&r.bytes().unwrap()), d);
+    }
 }

@@ -49,13 +49,15 @@ use super::{
     UploadSession,
 };
 use crate::registry::names::Digest;
-use crate::storage::{ObjectBody, ObjectStore, StorageError, VERIFIED_BLOBS};
+use crate::storage::{ObjectBody, ObjectStore, StorageError, MAX_RECORD_KEY, VERIFIED_BLOBS};
 
 /// Journal records live under `<prefix>journal/`.
 pub const JOURNAL: &str = "journal/";
 /// Catch-up replays from this long before the watermark: records of other nodes written just
 /// before it may still have been committing, and clocks differ a little.
 pub const CATCH_UP_MARGIN: Duration = Duration::from_secs(60);
+/// `<time>-<node>-<seq>/` in a journal key.
+const UNIQUE_PART: usize = 24 + 1 + 8 + 1 + 8 + 1;
 /// Lock stripes for serializing record + commit.
 const STRIPES: usize = 64;
 /// Session id that no session has: a replayed link is a `finish_upload` without a session.
@@ -284,11 +286,15 @@ impl Journal {
                 .or_insert(0) += 1;
             (time, c.seq)
         };
-        let key = self.store.key(&format!(
+        let mut key = self.store.key(&format!(
             "{JOURNAL}{time}-{}-{seq:08}/{}",
             self.node,
             op.describe()
         ));
+        // The human part may be cut: the body is the record; time, node and sequence make
+        // the key unique. (All of it is ASCII: names, tags and digests are.)
+        let unique = self.store.prefix().len() + JOURNAL.len() + UNIQUE_PART;
+        key.truncate(key.len().min(MAX_RECORD_KEY.max(unique)));
         match self
             .store
             .put_object(&key, ObjectBody::Bytes(op.encode(payload)))
@@ -349,7 +355,7 @@ impl<M: MetaStore> Journaled<M> {
 
     /// Whether `record` is a blob at its verified key (the key is the record).
     fn is_verified_key(&self, repo: &str, digest: &Digest, record: &BlobRecord) -> bool {
-        record.key == self.journal.store.verified_blob_key(digest, repo)
+        self.journal.store.verified_blob_key(digest, repo).as_ref() == Some(&record.key)
     }
 }
 

@@ -688,7 +688,10 @@ impl<'a> PartWriter<'a> {
                 // Smaller than one part: a single PutObject. The bytes are in memory and
                 // verified, so they go to their digest's key, which is itself the bucket's
                 // record of the blob (no journal record needed).
-                key = self.reg.store.verified_blob_key(digest, &self.session.repo);
+                if let Some(verified) = self.reg.store.verified_blob_key(digest, &self.session.repo)
+                {
+                    key = verified;
+                }
                 self.reg
                     .store
                     .put_object(&key, ObjectBody::Bytes(last))

@@ -114,6 +114,10 @@ impl ObjectStream {
 
 /// Where verified blobs live, under the prefix: see [`ObjectStore::verified_blob_key`].
 pub const VERIFIED_BLOBS: &str = "blobs/sha256/";
+/// The longest key berth gives a record (a verified blob, a journal record). S3 allows 1,024
+/// bytes, but s3s-fs (the embedded store) names a metadata file after the base64 of the key,
+/// which caps its keys at about 160 bytes.
+pub const MAX_RECORD_KEY: usize = 160;
 
 /// An incomplete multipart upload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,14 +306,23 @@ impl ObjectStore {
     /// Object key for blob bytes that were verified before they were written:
     /// `<prefix>blobs/sha256/<hex>/<repo>`. The key itself records the blob (digest, the
     /// repository that uploaded it, and its size in the listing), so it needs no journal record.
-    pub fn verified_blob_key(&self, digest: &crate::registry::names::Digest, repo: &str) -> String {
-        let mut k = String::with_capacity(self.prefix.len() + 80 + repo.len());
+    /// None when that key would be longer than [`MAX_RECORD_KEY`] (a long repository name).
+    pub fn verified_blob_key(
+        &self,
+        digest: &crate::registry::names::Digest,
+        repo: &str,
+    ) -> Option<String> {
+        let len = self.prefix.len() + VERIFIED_BLOBS.len() + 65 + repo.len();
+        if len > MAX_RECORD_KEY {
+            return None;
+        }
+        let mut k = String::with_capacity(len);
         k.push_str(&self.prefix);
         k.push_str(VERIFIED_BLOBS);
         k.push_str(digest.hex());
         k.push('/');
         k.push_str(repo);
-        k
+        Some(k)
     }
 
     /// The configured key prefix (`storage.prefix`), ending in '/' unless empty.
