@@ -1,6 +1,7 @@
 //! Start-up: open the metadata store, start or reach the object store, check the bucket, and
 //! run the pingora server with the registry service and its background tasks.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +17,9 @@ use crate::http::ops::{OpsApp, Readiness, ReadinessProbe};
 use crate::http::service::BerthService;
 use crate::meta::instrumented::Instrumented;
 use crate::meta::redb::RedbStore;
+use crate::meta::MetaStore;
 use crate::registry::{Registry, RegistrySettings};
-use crate::storage::embedded::{EmbeddedOptions, EmbeddedS3};
+use crate::storage::embedded::{self, EmbeddedOptions, EmbeddedS3};
 use crate::storage::ObjectStore;
 
 /// Access key id of the embedded object store (its secret is random per start).
@@ -36,22 +38,45 @@ pub enum StartError {
     Storage(#[from] crate::storage::StorageError),
 }
 
-/// Resolves the storage settings (starting the embedded S3 endpoint when none is configured)
-/// and checks that the bucket is reachable.
+/// Opens the metadata store, resolves the storage settings (starting the embedded S3
+/// endpoint when none is configured) and checks that the bucket is reachable.
 pub fn prepare(mut config: Config) -> Result<(Config, Arc<Registry>), StartError> {
     let dir_err = |cause| StartError::DataDir {
         path: config.data_dir.display().to_string(),
         cause,
     };
     std::fs::create_dir_all(&config.data_dir).map_err(dir_err)?;
+    check_writable(&config.data_dir).map_err(dir_err)?;
 
+    // First the metadata store: its lock stops a second berth on the same data directory
+    // here, before it touches the embedded store's files.
+    let meta = RedbStore::open(&config.data_dir.join("meta.redb"))?;
+    // Start-up checks run on a throwaway runtime, so that no pooled connection outlives the
+    // runtime it was made on.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Embedded)?;
+
+    let mut embedded_root = None;
     if config.storage.endpoint.is_none() {
+        let root = config.data_dir.join("objects");
+        let live: HashSet<String> = rt
+            .block_on(meta.idle_uploads(u64::MAX))?
+            .into_iter()
+            .filter_map(|s| s.multipart_id)
+            .collect();
+        match embedded::sweep(&root, &live) {
+            Ok(0) => {}
+            Ok(n) => log::info!("embedded object store: removed {n} files stranded by a crash"),
+            Err(e) => log::warn!("embedded object store: sweeping stranded files: {e}"),
+        }
         // A new secret every start. The access key id stays the same: s3s-fs binds an
         // in-progress multipart upload to the key id that created it, and an upload must
         // survive a restart of berth. The key id is not a secret.
         let (_, secret_key) = EmbeddedS3::random_keys();
         let s3 = EmbeddedS3::start(EmbeddedOptions {
-            root: config.data_dir.join("objects"),
+            root: root.clone(),
             bucket: config.storage.bucket.clone(),
             listen: "127.0.0.1:0".parse().expect("loopback address"),
             access_key: EMBEDDED_ACCESS_KEY.to_string(),
@@ -63,26 +88,30 @@ pub fn prepare(mut config: Config) -> Result<(Config, Arc<Registry>), StartError
         config.storage.endpoint = Some(s3.endpoint);
         config.storage.access_key = s3.access_key;
         config.storage.secret_key = s3.secret_key;
+        embedded_root = Some(root);
     }
 
-    // The check runs on a throwaway runtime with its own client, so that no pooled connection
-    // outlives the runtime it was made on.
     let probe = ObjectStore::new(&config.storage)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(StartError::Embedded)?;
     rt.block_on(probe.check())?;
     drop(rt);
 
-    let meta = RedbStore::open(&config.data_dir.join("meta.redb"))?;
-    let store = ObjectStore::new(&config.storage)?;
+    let mut store = ObjectStore::new(&config.storage)?;
+    if let Some(root) = embedded_root {
+        store = store.with_embedded_root(root);
+    }
     let registry = Registry::new(
         Arc::new(Instrumented::new(meta)),
         Arc::new(store),
         RegistrySettings::from_config(&config),
     );
     Ok((config, Arc::new(registry)))
+}
+
+/// The data directory takes new files: better said at start than at the first push.
+fn check_writable(dir: &std::path::Path) -> std::io::Result<()> {
+    let probe = dir.join(".berth-write-check");
+    std::fs::write(&probe, b"")?;
+    std::fs::remove_file(&probe)
 }
 
 /// Runs the server until it is told to stop. Never returns.
@@ -188,9 +217,11 @@ impl BackgroundService for UploadExpiry {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tick.tick() => match self.registry.expire_uploads().await {
-                    Ok(0) => {}
-                    Ok(n) => log::info!("expired {n} idle upload sessions"),
-                    Err(e) => log::warn!("upload expiry: {e}"),
+                    Ok(pass) if pass.expired > 0 => {
+                        log::info!("expired {} idle upload sessions", pass.expired)
+                    }
+                    Ok(_) => {} // failures are logged per session
+                    Err(e) => log::warn!("upload expiry: listing idle sessions: {e:?}"),
                 },
             }
         }

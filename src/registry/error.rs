@@ -165,6 +165,8 @@ impl From<StorageError> for RegistryError {
             StorageError::Unreachable { .. } | StorageError::Unavailable { .. } => {
                 RegistryError::Unavailable(e.to_string())
             }
+            // The session's bytes are gone with it: the client starts a new upload.
+            StorageError::UploadGone { .. } => RegistryError::BlobUploadUnknown,
             other => RegistryError::Internal(other.to_string()),
         }
     }

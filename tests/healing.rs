@@ -1,0 +1,229 @@
+//! Self-healing: berth recovers from crashes and faults of its stores without a restart, and
+//! start-up that cannot succeed fails fast.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use berth::meta::redb::RedbStore;
+use berth::meta::{MetaStore, UploadSession};
+use common::{client, error_code, free_port, Berth, PseudoRandom};
+use reqwest::blocking::{Client, Response};
+
+const MIB: u64 = 1024 * 1024;
+
+fn random_bytes(seed: u64, len: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len as usize];
+    std::io::Read::read_exact(&mut PseudoRandom::new(seed, len), &mut v).unwrap();
+    v
+}
+
+fn header(r: &Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// POST a new session; its absolute upload URL.
+fn start_upload(c: &Client, berth: &Berth, repo: &str) -> String {
+    let r = c
+        .post(berth.url(&format!("/v2/{repo}/blobs/uploads/")))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202, "start upload: {}", berth.log());
+    berth.url(&header(&r, "location"))
+}
+
+/// PATCH `bytes` at `start`; the next upload URL.
+fn patch(c: &Client, berth: &Berth, url: &str, start: u64, bytes: Vec<u8>) -> String {
+    let end = start + bytes.len() as u64 - 1;
+    let r = c
+        .patch(url)
+        .header("Content-Type", "application/octet-stream")
+        .header("Content-Range", format!("{start}-{end}"))
+        .body(bytes)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202, "PATCH: {}", berth.log());
+    berth.url(&header(&r, "location"))
+}
+
+fn session_id(url: &str) -> String {
+    url.rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Names of the files under the embedded store's root that hold multipart state.
+fn multipart_files(berth: &Berth) -> Vec<String> {
+    std::fs::read_dir(berth.data_path().join("objects"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".upload"))
+        .collect()
+}
+
+/// The session's multipart upload id, read from the metadata store (berth must be stopped).
+fn multipart_id(berth: &Berth, id: &str) -> String {
+    let store = RedbStore::open(&berth.data_path().join("meta.redb")).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let session = rt.block_on(store.upload(id)).unwrap().expect("session");
+    session.multipart_id.expect("a multipart upload")
+}
+
+/// What a kill inside s3s-fs's CompleteMultipartUpload leaves: the upload's record is gone,
+/// its part files are not.
+fn forget_upload_record(berth: &Berth, multipart_id: &str) {
+    let record = berth
+        .data_path()
+        .join("objects")
+        .join(format!(".upload-{multipart_id}.json"));
+    std::fs::remove_file(&record).unwrap();
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn metric(c: &Client, metrics_port: u16, name: &str) -> f64 {
+    let text = c
+        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+/// One expiry pass meets a session it cannot discard, a session whose multipart upload the
+/// embedded store forgot, and a healthy one: the failure is logged with its cause and
+/// counted, the pass goes on, and the forgotten upload's part files are reclaimed.
+#[test]
+fn expiry_goes_on_past_a_failing_session_and_reclaims_forgotten_uploads() {
+    let mut berth = Berth::start("");
+    let c = client();
+    let forgotten = start_upload(&c, &berth, "heal/forgotten");
+    let forgotten = patch(&c, &berth, &forgotten, 0, random_bytes(1, 9 * MIB));
+    let healthy = start_upload(&c, &berth, "heal/healthy");
+    let healthy = patch(&c, &berth, &healthy, 0, random_bytes(2, 9 * MIB));
+    berth.kill();
+
+    forget_upload_record(&berth, &multipart_id(&berth, &session_id(&forgotten)));
+    // A session whose abort the object store refuses (not an upload id it could know).
+    let store = RedbStore::open(&berth.data_path().join("meta.redb")).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(store.create_upload(&UploadSession {
+        id: "refused-by-the-store".into(),
+        repo: "heal/refused".into(),
+        key: "blobs/refused-by-the-store".into(),
+        multipart_id: Some("not-an-upload-id".into()),
+        ..Default::default()
+    }))
+    .unwrap();
+    drop(store);
+
+    let metrics_port = free_port();
+    berth.rewrite_config(&format!(
+        "upload:\n  session_expiry: 2s\nmetrics:\n  listen: 127.0.0.1:{metrics_port}\n"
+    ));
+    berth.restart();
+    let unknown = |url: &str| c.get(url).send().unwrap().status() == 404;
+    wait_until("both sessions to expire", Duration::from_secs(20), || {
+        unknown(&forgotten) && unknown(&healthy)
+    });
+    let r = c.get(&healthy).send().unwrap();
+    assert_eq!(error_code(&r.text().unwrap()), "BLOB_UPLOAD_UNKNOWN");
+    assert!(
+        multipart_files(&berth).is_empty(),
+        "multipart files left behind: {:?}",
+        multipart_files(&berth)
+    );
+    wait_until("the failure to be counted", Duration::from_secs(10), || {
+        metric(&c, metrics_port, "berth_upload_expiry_failures_total") >= 1.0
+    });
+    let log = berth.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("session refused-by-the-store"))
+        .unwrap_or_else(|| panic!("no log line for the failing session:\n{log}"));
+    assert!(
+        line.contains("InvalidRequest"),
+        "the cause is not logged: {line}"
+    );
+    assert!(metric(&c, metrics_port, "berth_uploads_total{outcome=\"expired\"}") >= 2.0);
+}
+
+/// A client retrying `PUT ?digest=` on a session whose multipart upload is gone (berth was
+/// killed inside the completion) gets 404 BLOB_UPLOAD_UNKNOWN, not a 500 forever; the
+/// session and its stranded parts are gone, and a new upload of the same blob succeeds.
+#[test]
+fn finishing_a_session_whose_upload_is_gone_is_upload_unknown() {
+    let mut berth = Berth::start("");
+    let c = client();
+    let data = random_bytes(3, 9 * MIB + 17);
+    let digest = common::sha256_digest(&data);
+    let url = start_upload(&c, &berth, "heal/retry");
+    let url = patch(&c, &berth, &url, 0, data.clone());
+    berth.kill();
+    forget_upload_record(&berth, &multipart_id(&berth, &session_id(&url)));
+    berth.restart();
+
+    for _ in 0..2 {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let r = c
+            .put(format!("{url}{sep}digest={digest}"))
+            .header("Content-Length", "0")
+            .send()
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            404,
+            "PUT ?digest= on a lost upload: {}",
+            berth.log()
+        );
+        assert_eq!(error_code(&r.text().unwrap()), "BLOB_UPLOAD_UNKNOWN");
+    }
+    assert_eq!(c.get(&url).send().unwrap().status(), 404);
+    assert!(
+        multipart_files(&berth).is_empty(),
+        "stranded parts left: {:?}",
+        multipart_files(&berth)
+    );
+    // The client starts over.
+    let again = start_upload(&c, &berth, "heal/retry");
+    let again = patch(&c, &berth, &again, 0, data.clone());
+    let sep = if again.contains('?') { '&' } else { '?' };
+    let r = c
+        .put(format!("{again}{sep}digest={digest}"))
+        .header("Content-Length", "0")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", berth.log());
+    let got = c
+        .get(berth.url(&format!("/v2/heal/retry/blobs/{digest}")))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    assert!(got[..] == data[..], "blob differs");
+}
