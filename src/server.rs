@@ -13,6 +13,7 @@ use pingora_core::services::listening::Service;
 
 use crate::config::Config;
 use crate::http::access_log::AccessLog;
+use crate::http::drain::{Drain, InFlight};
 use crate::http::ops::{OpsApp, Readiness, ReadinessProbe};
 use crate::http::service::BerthService;
 use crate::meta::instrumented::Instrumented;
@@ -125,6 +126,13 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
         Ok(t) => t,
         Err(e) => fail_start(&e),
     };
+    // pingora binds in its service threads, retries a used port for a while and then panics
+    // there, leaving a process with no listener: find out here, in a second, and say so.
+    for addr in std::iter::once(config.listen).chain(config.metrics.listen) {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            fail_start(&format!("cannot listen on {addr}: {e}"));
+        }
+    }
     let conf = ServerConf {
         threads: config.threads,
         // Without this pingora waits 5 min on SIGTERM even when idle.
@@ -136,11 +144,13 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
     server.bootstrap();
 
     let access_log = AccessLog::new(config.access_log.then_some(config.log_format));
+    let in_flight = InFlight::default();
     let mut http = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
         BerthService::new(registry.clone())
             .with_guard(guard.clone())
-            .with_access_log(access_log.clone()),
+            .with_access_log(access_log.clone())
+            .with_in_flight(in_flight.clone()),
         "berth registry",
     );
     let resolver = match tls {
@@ -184,6 +194,14 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
     server.add_service(background_service(
         "upload expiry",
         UploadExpiry { registry },
+    ));
+    server.add_service(background_service(
+        "shutdown drain",
+        Drain {
+            in_flight,
+            grace: config.shutdown_grace,
+            access_log: access_log.clone(),
+        },
     ));
     log::info!(
         "berth {} listening on {}{}",

@@ -227,3 +227,153 @@ fn finishing_a_session_whose_upload_is_gone_is_upload_unknown() {
         .unwrap();
     assert!(got[..] == data[..], "blob differs");
 }
+
+// ---------------------------------------------------------------------------------------------
+// start-up that cannot succeed, and shutdown
+
+#[track_caller]
+fn assert_fails_fast(exited: Option<common::Exited>, says: &str) {
+    let e = exited.expect("berth still runs after 5 s");
+    assert!(
+        !e.status.success(),
+        "exit status {}: {}",
+        e.status,
+        e.output
+    );
+    assert!(
+        e.after < Duration::from_secs(1),
+        "took {:?} to give up: {}",
+        e.after,
+        e.output
+    );
+    let line = e
+        .output
+        .lines()
+        .find(|l| l.starts_with("berth: cannot start"))
+        .unwrap_or_else(|| panic!("no 'berth: cannot start' line: {}", e.output));
+    assert!(line.contains(says), "{line:?} does not say {says:?}");
+    assert!(!e.output.contains("listening on"), "{}", e.output);
+}
+
+#[test]
+fn second_berth_on_a_used_port_exits_at_once() {
+    let berth = Berth::start("");
+    let data = tempfile::tempdir().unwrap();
+    let exited = common::serve_until_exit("", berth.port, data.path(), Duration::from_secs(5));
+    assert_fails_fast(
+        exited,
+        &format!("cannot listen on 127.0.0.1:{}", berth.port),
+    );
+    // The first one is untouched.
+    assert_eq!(
+        client().get(berth.url("/v2/")).send().unwrap().status(),
+        200
+    );
+}
+
+#[test]
+fn second_berth_on_a_data_directory_in_use_exits_at_once() {
+    let berth = Berth::start("");
+    let exited =
+        common::serve_until_exit("", free_port(), &berth.data_path(), Duration::from_secs(5));
+    assert_fails_fast(exited, "in use by another process");
+    assert_eq!(
+        client().get(berth.url("/v2/")).send().unwrap().status(),
+        200
+    );
+}
+
+#[test]
+fn unwritable_data_directory_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mounted = root
+        && std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"])
+            .arg(&data)
+            .status()
+            .is_ok_and(|s| s.success());
+    if !mounted {
+        if root {
+            eprintln!("SKIPPED: cannot mount a read-only tmpfs (root cannot be denied writes)");
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o555)).unwrap();
+    }
+    let exited = common::serve_until_exit("", free_port(), &data, Duration::from_secs(5));
+    if mounted {
+        let _ = std::process::Command::new("umount").arg(&data).status();
+    }
+    assert_fails_fast(exited, "data directory");
+}
+
+#[test]
+fn sigterm_on_an_idle_server_exits_at_once() {
+    let mut berth = Berth::start("shutdown_grace: 30s\n");
+    let c = client();
+    // A connection kept alive after its request is not a request in flight.
+    assert_eq!(c.get(berth.url("/v2/")).send().unwrap().status(), 200);
+    berth.signal(libc::SIGTERM);
+    let status = berth.wait_exit(Duration::from_secs(1));
+    assert!(status.success(), "{status}");
+}
+
+/// A request body that trickles in: `chunks` pieces of 64 KiB, `pause` apart.
+struct Trickle {
+    chunks: usize,
+    pause: Duration,
+    sent: usize,
+}
+
+impl std::io::Read for Trickle {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.sent == self.chunks {
+            return Ok(0);
+        }
+        std::thread::sleep(self.pause);
+        self.sent += 1;
+        let n = buf.len().min(64 * 1024);
+        buf[..n].fill(self.sent as u8);
+        Ok(n)
+    }
+}
+
+#[test]
+fn sigterm_waits_for_the_requests_running() {
+    let mut berth = Berth::start("shutdown_grace: 30s\n");
+    let c = client();
+    let url = start_upload(&c, &berth, "heal/drain");
+    let patch = std::thread::spawn({
+        let c = c.clone();
+        move || {
+            let body = Trickle {
+                chunks: 15,
+                pause: Duration::from_millis(100),
+                sent: 0,
+            };
+            c.patch(&url)
+                .body(reqwest::blocking::Body::new(body))
+                .send()
+                .map(|r| r.status().as_u16())
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let signalled = Instant::now();
+    berth.signal(libc::SIGTERM);
+    let status = berth.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+    assert_eq!(
+        patch.join().unwrap().unwrap(),
+        202,
+        "the running PATCH was cut"
+    );
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "waited {:?}, far past the PATCH's end",
+        signalled.elapsed()
+    );
+}
