@@ -377,3 +377,150 @@ fn sigterm_waits_for_the_requests_running() {
         signalled.elapsed()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// a full disk
+
+fn manifest_json(config: &str, layer: &str, note_len: usize) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": 4096}],
+        "annotations": {"note": "n".repeat(note_len)},
+    }))
+    .unwrap()
+}
+
+fn put_manifest(c: &Client, berth: &Berth, tag: &str, body: &[u8]) -> Response {
+    c.put(berth.url(&format!("/v2/heal/full/manifests/{tag}")))
+        .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        .body(body.to_vec())
+        .send()
+        .unwrap()
+}
+
+fn readyz(c: &Client, port: u16) -> (u16, String) {
+    let r = c
+        .get(format!("http://127.0.0.1:{port}/readyz"))
+        .send()
+        .unwrap();
+    (r.status().as_u16(), r.text().unwrap())
+}
+
+/// The data directory on a small tmpfs that fills up: pushes fail cleanly (503 with
+/// Retry-After), pulls go on, /readyz says the metadata store cannot write, and once space is
+/// freed pushes succeed again without a restart.
+#[test]
+fn full_disk_fails_writes_cleanly_and_heals_without_restart() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: mounting a small tmpfs needs root");
+        return;
+    }
+    let mut berth = Berth::start("");
+    berth.kill();
+    let data = berth.data_path();
+    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::create_dir(&data).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
+        .arg(&data)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED: cannot mount a tmpfs here");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(data.clone());
+    let metrics_port = free_port();
+    berth.rewrite_config(&format!("metrics:\n  listen: 127.0.0.1:{metrics_port}\n"));
+    berth.restart();
+    let c = client();
+    let config = berth.push_blob(&c, "heal/full", b"{}");
+    let layer_bytes = random_bytes(7, 4096);
+    let layer = berth.push_blob(&c, "heal/full", &layer_bytes);
+    let first = manifest_json(&config, &layer, 10);
+    assert_eq!(put_manifest(&c, &berth, "first", &first).status(), 201);
+
+    // Fill the disk.
+    let filler = data.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        while f.write_all(&chunk).and_then(|_| f.flush()).is_ok() {}
+    }
+
+    let big = manifest_json(&config, &layer, 2 << 20);
+    let r = put_manifest(&c, &berth, "big", &big);
+    assert_eq!(
+        r.status(),
+        503,
+        "manifest push on a full disk: {}",
+        berth.log()
+    );
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(error_code(&r.text().unwrap()), "UNAVAILABLE");
+    let r = c
+        .post(berth.url(&format!(
+            "/v2/heal/full/blobs/uploads/?digest={}",
+            common::sha256_digest(&random_bytes(8, 2 * MIB))
+        )))
+        .body(random_bytes(8, 2 * MIB))
+        .send();
+    // Refused, possibly before the whole body was sent (the connection then closes).
+    if let Ok(r) = r {
+        assert!(
+            r.status().is_server_error(),
+            "blob push on a full disk: {}",
+            r.status()
+        );
+    }
+
+    // Pulls go on.
+    let r = c
+        .get(berth.url("/v2/heal/full/manifests/first"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", berth.log());
+    assert_eq!(r.bytes().unwrap()[..], first[..]);
+    let got = c
+        .get(berth.url(&format!("/v2/heal/full/blobs/{layer}")))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    assert!(got[..] == layer_bytes[..]);
+    wait_until(
+        "/readyz to report the store",
+        Duration::from_secs(15),
+        || {
+            let (status, body) = readyz(&c, metrics_port);
+            status == 503 && body.contains("metadata store cannot write")
+        },
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    wait_until("a push to succeed again", Duration::from_secs(15), || {
+        put_manifest(&c, &berth, "big", &big).status() == 201
+    });
+    let r = c
+        .get(berth.url("/v2/heal/full/manifests/big"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().unwrap()[..], big[..]);
+    wait_until("/readyz to be ready again", Duration::from_secs(15), || {
+        readyz(&c, metrics_port).0 == 200
+    });
+}

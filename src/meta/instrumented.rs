@@ -189,4 +189,9 @@ impl<M: MetaStore> MetaStore for Instrumented<M> {
         let _t = self.timers.finish_upload.start_timer();
         self.inner.finish_upload(id, repo, digest, record).await
     }
+
+    /// Not timed: the readiness probe's, not a client's.
+    async fn check_writable(&self) -> MetaResult<()> {
+        self.inner.check_writable().await
+    }
 }

@@ -17,8 +17,24 @@ use serde::{Deserialize, Serialize};
 use crate::registry::names::Digest;
 
 #[derive(Debug, thiserror::Error)]
-#[error("metadata store: {0}")]
-pub struct MetaError(pub String);
+pub enum MetaError {
+    /// Anything that is not the store being away: a bug, a corrupt record (500).
+    #[error("metadata store: {0}")]
+    Failed(String),
+    /// The store cannot serve this now (disk full, database down): clients retry (503).
+    #[error("metadata store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl MetaError {
+    /// The same kind of error, its message prefixed with `what`.
+    pub fn context(self, what: impl std::fmt::Display) -> MetaError {
+        match self {
+            MetaError::Failed(m) => MetaError::Failed(format!("{what}: {m}")),
+            MetaError::Unavailable(m) => MetaError::Unavailable(format!("{what}: {m}")),
+        }
+    }
+}
 
 pub type MetaResult<T> = Result<T, MetaError>;
 
@@ -161,4 +177,10 @@ pub trait MetaStore: Send + Sync + 'static {
         digest: &Digest,
         record: BlobRecord,
     ) -> MetaResult<Linked>;
+
+    // ---- health ----
+    /// Ok when a write could commit now. The readiness probe calls it every few seconds; a
+    /// backend that heals itself (redb: reopening the database after an I/O error) does it
+    /// here too, so that it recovers even when no client writes.
+    async fn check_writable(&self) -> MetaResult<()>;
 }

@@ -46,7 +46,8 @@ pub enum RegistryError {
     UploadBusy,
     #[error("invalid pagination parameter: {0}")]
     PaginationInvalid(String),
-    #[error("object store unavailable, retry later")]
+    /// The object store or the metadata store cannot serve this now: retry later (503).
+    #[error("storage unavailable, retry later")]
     Unavailable(String),
     /// Missing or invalid credentials; `challenge` is the WWW-Authenticate value.
     #[error("authentication required")]
@@ -155,7 +156,10 @@ impl RegistryError {
 
 impl From<MetaError> for RegistryError {
     fn from(e: MetaError) -> Self {
-        RegistryError::Internal(e.to_string())
+        match e {
+            MetaError::Unavailable(_) => RegistryError::Unavailable(e.to_string()),
+            MetaError::Failed(_) => RegistryError::Internal(e.to_string()),
+        }
     }
 }
 
