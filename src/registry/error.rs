@@ -16,6 +16,9 @@ pub enum RegistryError {
     BlobUploadUnknown,
     #[error("provided digest did not match uploaded content")]
     DigestInvalid(String),
+    /// A digest that is not one (bad syntax, unknown algorithm): also DIGEST_INVALID.
+    #[error("invalid digest")]
+    DigestMalformed(String),
     #[error("manifest references a blob unknown to the repository: {0}")]
     ManifestBlobUnknown(String),
     #[error("manifest invalid: {0}")]
@@ -73,6 +76,7 @@ impl RegistryError {
             }
             BlobUploadInvalid(_)
             | DigestInvalid(_)
+            | DigestMalformed(_)
             | ManifestBlobUnknown(_)
             | ManifestInvalid(_)
             | NameInvalid
@@ -98,7 +102,7 @@ impl RegistryError {
             BlobUnknown => "BLOB_UNKNOWN",
             BlobUploadInvalid(_) | UploadBusy | RangeInvalid { .. } => "BLOB_UPLOAD_INVALID",
             BlobUploadUnknown => "BLOB_UPLOAD_UNKNOWN",
-            DigestInvalid(_) => "DIGEST_INVALID",
+            DigestInvalid(_) | DigestMalformed(_) => "DIGEST_INVALID",
             ManifestBlobUnknown(_) => "MANIFEST_BLOB_UNKNOWN",
             ManifestInvalid(_) => "MANIFEST_INVALID",
             ManifestUnknown => "MANIFEST_UNKNOWN",
@@ -123,6 +127,7 @@ impl RegistryError {
         match self {
             BlobUploadInvalid(d)
             | DigestInvalid(d)
+            | DigestMalformed(d)
             | ManifestBlobUnknown(d)
             | ManifestInvalid(d)
             | SizeInvalid(d)
@@ -190,7 +195,12 @@ mod tests {
         assert!(v["errors"][0]["message"]
             .as_str()
             .unwrap()
-            .contains("digest"));
+            .contains("did not match"));
+        let e = RegistryError::DigestMalformed("\"latest\" is not a digest".into());
+        assert_eq!(e.status(), 400);
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["errors"][0]["code"], "DIGEST_INVALID");
+        assert_eq!(v["errors"][0]["message"], "invalid digest");
     }
 
     #[test]
