@@ -242,6 +242,8 @@ pub struct UploadMetrics {
     pub cancelled: IntCounter,
     pub expired: IntCounter,
     pub failed: IntCounter,
+    /// Sessions an expiry pass could not discard (retried on the next pass).
+    pub expiry_failures: IntCounter,
     /// Bytes held in part buffers right now (bounded: two parts per upload at most).
     pub buffered_bytes: IntGauge,
 }
@@ -262,6 +264,10 @@ pub static UPLOADS: LazyLock<UploadMetrics> = LazyLock::new(|| {
         cancelled: outcomes.with_label_values(&["cancelled"]),
         expired: outcomes.with_label_values(&["expired"]),
         failed: outcomes.with_label_values(&["failed"]),
+        expiry_failures: counter(
+            "berth_upload_expiry_failures_total",
+            "Idle upload sessions an expiry pass failed to discard (logged with the cause).",
+        ),
         buffered_bytes: gauge(
             "berth_upload_buffered_bytes",
             "Upload bytes held in memory in part buffers right now.",

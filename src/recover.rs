@@ -34,9 +34,10 @@ impl Progress for PrintProgress {
 }
 
 pub fn run(config: Config) -> Result<(), RecoverError> {
-    let (config, rt, store) = reach_storage(config)?;
+    crate::server::prepare_data_dir(&config)?;
     let path = config.data_dir.join("meta.redb");
     let meta = RedbStore::open(&path).map_err(StartError::from)?;
+    let (config, rt, store, _) = reach_storage(config, &meta)?;
     let started = Instant::now();
     rt.block_on(async {
         if !journal::is_fresh(&meta).await? {

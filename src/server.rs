@@ -1,6 +1,7 @@
 //! Start-up: open the metadata store, start or reach the object store, check the bucket, and
 //! run the pingora server with the registry service and its background tasks.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use pingora_core::services::listening::Service;
 
 use crate::config::Config;
 use crate::http::access_log::AccessLog;
+use crate::http::drain::{Drain, InFlight};
 use crate::http::ops::{OpsApp, Readiness, ReadinessProbe};
 use crate::http::service::BerthService;
 use crate::meta::instrumented::Instrumented;
@@ -20,7 +22,7 @@ use crate::meta::redb::RedbStore;
 use crate::meta::MetaStore;
 use crate::mirror::Mirrors;
 use crate::registry::{Registry, RegistrySettings};
-use crate::storage::embedded::{EmbeddedOptions, EmbeddedS3};
+use crate::storage::embedded::{self, EmbeddedOptions, EmbeddedS3};
 use crate::storage::ObjectStore;
 
 /// Access key id of the embedded object store (its secret is random per start).
@@ -41,12 +43,20 @@ pub enum StartError {
     Mirror(String),
 }
 
-/// Resolves the storage settings (starting the embedded S3 endpoint when none is configured)
-/// and checks that the bucket is reachable.
+/// Opens the metadata store, resolves the storage settings (starting the embedded S3
+/// endpoint when none is configured) and checks that the bucket is reachable; then brings the
+/// metadata store up to date with the bucket journal.
 pub fn prepare(config: Config) -> Result<(Config, Arc<Registry>), StartError> {
-    let (config, rt, probe) = reach_storage(config)?;
+    prepare_data_dir(&config)?;
+    // First the metadata store: its lock stops a second berth on the same data directory
+    // here, before it touches the embedded store's files.
     let meta = RedbStore::open(&config.data_dir.join("meta.redb"))?;
-    let store = Arc::new(ObjectStore::new(&config.storage)?);
+    let (config, rt, probe, embedded_root) = reach_storage(config, &meta)?;
+    let mut store = ObjectStore::new(&config.storage)?;
+    if let Some(root) = embedded_root {
+        store = store.with_embedded_root(root);
+    }
+    let store = Arc::new(store);
     let meta: Arc<dyn MetaStore> = if config.journal.enabled {
         rt.block_on(bring_up_to_date(&meta, &probe, &config))?;
         let journal = Arc::new(Journal::new(store.clone()));
@@ -64,26 +74,60 @@ pub fn prepare(config: Config) -> Result<(Config, Arc<Registry>), StartError> {
     Ok((config, Arc::new(registry)))
 }
 
-/// Creates the data directory, starts the embedded S3 endpoint when the config names none,
-/// and checks the bucket. The check runs on a throwaway runtime with its own client (`probe`),
-/// so that no pooled connection outlives the runtime it was made on: start-up work in the
-/// bucket (catch-up, rebuild) runs on the same pair, which the caller drops before serving.
-pub fn reach_storage(
-    mut config: Config,
-) -> Result<(Config, tokio::runtime::Runtime, ObjectStore), StartError> {
+/// Creates the data directory and proves it writable (a clear error at start, not at the
+/// first push).
+pub fn prepare_data_dir(config: &Config) -> Result<(), StartError> {
     let dir_err = |cause| StartError::DataDir {
         path: config.data_dir.display().to_string(),
         cause,
     };
     std::fs::create_dir_all(&config.data_dir).map_err(dir_err)?;
+    check_writable(&config.data_dir).map_err(dir_err)
+}
 
+/// Starts the embedded S3 endpoint when the config names none (first sweeping the files a
+/// crash stranded there: uploads no session of `meta` names), and checks the bucket. The
+/// check runs on a throwaway runtime with its own client (`probe`), so that no pooled
+/// connection outlives the runtime it was made on: start-up work in the bucket (catch-up,
+/// rebuild) runs on the same pair, which the caller drops before serving. Returns the
+/// embedded store's root too, when there is one.
+#[allow(clippy::type_complexity)]
+pub fn reach_storage(
+    mut config: Config,
+    meta: &RedbStore,
+) -> Result<
+    (
+        Config,
+        tokio::runtime::Runtime,
+        ObjectStore,
+        Option<std::path::PathBuf>,
+    ),
+    StartError,
+> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Embedded)?;
+
+    let mut embedded_root = None;
     if config.storage.endpoint.is_none() {
+        let root = config.data_dir.join("objects");
+        let live: HashSet<String> = rt
+            .block_on(meta.idle_uploads(u64::MAX))?
+            .into_iter()
+            .filter_map(|s| s.multipart_id)
+            .collect();
+        match embedded::sweep(&root, &live) {
+            Ok(0) => {}
+            Ok(n) => log::info!("embedded object store: removed {n} files stranded by a crash"),
+            Err(e) => log::warn!("embedded object store: sweeping stranded files: {e}"),
+        }
         // A new secret every start. The access key id stays the same: s3s-fs binds an
         // in-progress multipart upload to the key id that created it, and an upload must
         // survive a restart of berth. The key id is not a secret.
         let (_, secret_key) = EmbeddedS3::random_keys();
         let s3 = EmbeddedS3::start(EmbeddedOptions {
-            root: config.data_dir.join("objects"),
+            root: root.clone(),
             bucket: config.storage.bucket.clone(),
             listen: "127.0.0.1:0".parse().expect("loopback address"),
             access_key: EMBEDDED_ACCESS_KEY.to_string(),
@@ -96,15 +140,12 @@ pub fn reach_storage(
         config.storage.endpoint = Some(s3.endpoint);
         config.storage.access_key = s3.access_key;
         config.storage.secret_key = s3.secret_key;
+        embedded_root = Some(root);
     }
 
     let probe = ObjectStore::new(&config.storage)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(StartError::Embedded)?;
     rt.block_on(probe.check())?;
-    Ok((config, rt, probe))
+    Ok((config, rt, probe, embedded_root))
 }
 
 /// The journal at start: a store that never saw the journal is rebuilt from the bucket when
@@ -154,6 +195,13 @@ async fn bring_up_to_date(
     Ok(())
 }
 
+/// The data directory takes new files: better said at start than at the first push.
+fn check_writable(dir: &std::path::Path) -> std::io::Result<()> {
+    let probe = dir.join(".berth-write-check");
+    std::fs::write(&probe, b"")?;
+    std::fs::remove_file(&probe)
+}
+
 /// Runs the server until it is told to stop. Never returns.
 pub fn run(config: Config, registry: Arc<Registry>) -> ! {
     crate::auth::ignore_sighup_until_listening();
@@ -165,6 +213,13 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
         Ok(t) => t,
         Err(e) => fail_start(&e),
     };
+    // pingora binds in its service threads, retries a used port for a while and then panics
+    // there, leaving a process with no listener: find out here, in a second, and say so.
+    for addr in std::iter::once(config.listen).chain(config.metrics.listen) {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            fail_start(&format!("cannot listen on {addr}: {e}"));
+        }
+    }
     let conf = ServerConf {
         threads: config.threads,
         // Without this pingora waits 5 min on SIGTERM even when idle.
@@ -176,11 +231,13 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
     server.bootstrap();
 
     let access_log = AccessLog::new(config.access_log.then_some(config.log_format));
+    let in_flight = InFlight::default();
     let mut http = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
         BerthService::new(registry.clone())
             .with_guard(guard.clone())
-            .with_access_log(access_log.clone()),
+            .with_access_log(access_log.clone())
+            .with_in_flight(in_flight.clone()),
         "berth registry",
     );
     let resolver = match tls {
@@ -235,6 +292,14 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
     server.add_service(background_service(
         "upload expiry",
         UploadExpiry { registry },
+    ));
+    server.add_service(background_service(
+        "shutdown drain",
+        Drain {
+            in_flight,
+            grace: config.shutdown_grace,
+            access_log: access_log.clone(),
+        },
     ));
     log::info!(
         "berth {} listening on {}{}",
@@ -292,9 +357,11 @@ impl BackgroundService for UploadExpiry {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tick.tick() => match self.registry.expire_uploads().await {
-                    Ok(0) => {}
-                    Ok(n) => log::info!("expired {n} idle upload sessions"),
-                    Err(e) => log::warn!("upload expiry: {e}"),
+                    Ok(pass) if pass.expired > 0 => {
+                        log::info!("expired {} idle upload sessions", pass.expired)
+                    }
+                    Ok(_) => {} // failures are logged per session
+                    Err(e) => log::warn!("upload expiry: listing idle sessions: {e:?}"),
                 },
             }
         }

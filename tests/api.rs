@@ -2384,12 +2384,22 @@ fn invalid_tags() {
     let reg = Reg::start();
     let (_, body) = reg.push_image("tagv/repo", "ok", 10);
     let too_long = "a".repeat(129);
-    for tag in ["-bad", ".bad", too_long.as_str(), "b%C3%BC"] {
+    for tag in [
+        "-bad",
+        ".bad",
+        ".INVALID_MANIFEST_NAME",
+        too_long.as_str(),
+        "b%C3%BC",
+    ] {
+        // No manifest can exist under it: a read says unknown (the conformance suite's
+        // expectation), a write says the tag is invalid.
         expect_error(
             reg.get(&format!("/v2/tagv/repo/manifests/{tag}")),
-            400,
-            "TAG_INVALID",
+            404,
+            "MANIFEST_UNKNOWN",
         );
+        let r = reg.head(&format!("/v2/tagv/repo/manifests/{tag}"));
+        assert_eq!(r.status(), 404, "HEAD {tag}");
         expect_error(
             reg.put_manifest("tagv/repo", tag, OCI_MANIFEST, &body),
             400,
@@ -2428,11 +2438,13 @@ fn malformed_digests_everywhere() {
         "sha256:".to_string(),
     ];
     for bad in &bad_digests {
-        expect_error(
+        let v = expect_error(
             reg.get(&format!("/v2/dig/repo/blobs/{bad}")),
             400,
             "DIGEST_INVALID",
         );
+        assert_eq!(v["errors"][0]["message"], "invalid digest", "{v}");
+        assert_eq!(reg.head(&format!("/v2/dig/repo/blobs/{bad}")).status(), 400);
         expect_error(
             reg.delete(&format!("/v2/dig/repo/blobs/{bad}")),
             400,
@@ -2440,8 +2452,8 @@ fn malformed_digests_everywhere() {
         );
         expect_error(
             reg.get(&format!("/v2/dig/repo/manifests/{bad}")),
-            400,
-            "DIGEST_INVALID",
+            404,
+            "MANIFEST_UNKNOWN",
         );
         expect_error(
             reg.delete(&format!("/v2/dig/repo/manifests/{bad}")),
@@ -2476,8 +2488,15 @@ fn malformed_digests_everywhere() {
             .unwrap();
         expect_error(r, 400, "DIGEST_INVALID");
     }
-    // A blob route with a tag-like reference.
-    expect_error(reg.get("/v2/dig/repo/blobs/latest"), 400, "DIGEST_INVALID");
+    // A blob route with a tag-like reference: the digest is malformed (not "did not match").
+    let v = expect_error(reg.get("/v2/dig/repo/blobs/latest"), 400, "DIGEST_INVALID");
+    assert_eq!(v["errors"][0]["message"], "invalid digest", "{v}");
+    let v = expect_error(
+        reg.get("/v2/dig/repo/referrers/latest"),
+        400,
+        "DIGEST_INVALID",
+    );
+    assert_eq!(v["errors"][0]["message"], "invalid digest", "{v}");
     // PUT on a session without ?digest=.
     let r = reg
         .c

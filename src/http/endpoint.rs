@@ -218,7 +218,13 @@ impl Endpoint {
                 page: q.page()?,
             }),
             Route::Manifest(r) => {
-                let reference = parse_reference(r)?;
+                let reference = match parse_reference(r) {
+                    Ok(reference) => reference,
+                    // No manifest can exist under it: for a read that is "unknown" (as the
+                    // conformance suite expects); a write is told what is wrong with it.
+                    Err(_) if get => return Err(RegistryError::ManifestUnknown),
+                    Err(e) => return Err(e),
+                };
                 match *method {
                     Method::GET | Method::HEAD => Ok(Endpoint::GetManifest {
                         name,
@@ -260,7 +266,9 @@ impl Endpoint {
                     Method::PATCH => Ok(Endpoint::PatchUpload { name, id }),
                     Method::PUT => {
                         let digest = q.get("digest").ok_or_else(|| {
-                            RegistryError::DigestInvalid("the digest parameter is required".into())
+                            RegistryError::DigestMalformed(
+                                "the digest parameter is required".into(),
+                            )
                         })?;
                         Ok(Endpoint::FinishUpload {
                             name,
@@ -301,13 +309,13 @@ enum Route<'a> {
 }
 
 fn parse_digest(s: &str) -> Result<Digest, RegistryError> {
-    Digest::parse(s).ok_or_else(|| RegistryError::DigestInvalid(format!("invalid digest {s:?}")))
+    Digest::parse(s).ok_or_else(|| RegistryError::DigestMalformed(format!("{s:?} is not a digest")))
 }
 
 fn parse_reference(s: &str) -> Result<Reference, RegistryError> {
     Reference::parse(s).ok_or_else(|| {
         if looks_like_digest(s) {
-            RegistryError::DigestInvalid(format!("invalid digest {s:?}"))
+            RegistryError::DigestMalformed(format!("{s:?} is not a digest"))
         } else {
             RegistryError::TagInvalid
         }
@@ -449,18 +457,20 @@ mod tests {
             code(Method::GET, "/v2/UPPER/manifests/x", None),
             "NAME_INVALID"
         );
-        assert_eq!(
-            code(Method::GET, "/v2/x/manifests/-bad", None),
-            "TAG_INVALID"
-        );
-        assert_eq!(
-            code(Method::GET, "/v2/x/manifests/sha256:zz", None),
-            "DIGEST_INVALID"
-        );
-        assert_eq!(
-            code(Method::GET, "/v2/x/blobs/latest", None),
-            "DIGEST_INVALID"
-        );
+        // Reads of a manifest that cannot exist: unknown; writes: what is wrong.
+        for m in [Method::GET, Method::HEAD] {
+            for r in ["-bad", ".INVALID_MANIFEST_NAME", "sha256:zz"] {
+                let e = parse(m.clone(), &format!("/v2/x/manifests/{r}"), None).unwrap_err();
+                assert_eq!((e.status().as_u16(), e.code()), (404, "MANIFEST_UNKNOWN"));
+            }
+        }
+        for m in [Method::PUT, Method::DELETE] {
+            assert_eq!(code(m.clone(), "/v2/x/manifests/-bad", None), "TAG_INVALID");
+            assert_eq!(code(m, "/v2/x/manifests/sha256:zz", None), "DIGEST_INVALID");
+        }
+        let e = parse(Method::GET, "/v2/x/blobs/latest", None).unwrap_err();
+        assert_eq!(e.code(), "DIGEST_INVALID");
+        assert_eq!(e.to_string(), "invalid digest");
         assert_eq!(
             code(Method::PUT, "/v2/x/blobs/uploads/abc", None),
             "DIGEST_INVALID"

@@ -5,11 +5,13 @@
 //! - [`blob_proxy`]: blob GETs in proxy mode, streamed from the object store.
 //! - [`response`]: response headers every answer carries, and the OCI error body.
 //! - [`access_log`]: one line per request, text or JSON.
+//! - [`drain`]: on SIGTERM, exit as soon as no request is in flight.
 //! - [`ops`]: the operations listener: `/metrics`, `/healthz`, `/readyz`.
 //! - [`service`]: the pingora `ProxyHttp` implementation that ties them together.
 
 pub mod access_log;
 pub mod blob_proxy;
+pub mod drain;
 pub mod endpoint;
 pub mod handlers;
 pub mod mirror;

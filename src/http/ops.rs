@@ -1,8 +1,9 @@
 //! The operations listener, separate from the registry API: `/metrics` (Prometheus text
-//! format), `/healthz` (the process answers), `/readyz` (metadata store and object store
-//! usable, as last seen by [`ReadinessProbe`]; a scrape never touches either) and `POST /gc`
-//! (one garbage-collection pass, `?dry_run=&full=&orphans=`; answers its JSON report). The
-//! listener is for operators: bind it to loopback or a private network.
+//! format), `/healthz` (the process answers), `/readyz` (metadata store readable and
+//! writable, object store reachable, as last seen by [`ReadinessProbe`]; a scrape never
+//! touches either) and `POST /gc` (one garbage-collection pass, `?dry_run=&full=&orphans=`;
+//! answers its JSON report). The listener is for operators: bind it to loopback or a private
+//! network.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,8 +27,10 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// What the last probe found.
 pub struct Readiness {
     metadata: AtomicBool,
+    metadata_writable: AtomicBool,
     object_store: AtomicBool,
     metadata_up: IntGauge,
+    metadata_writable_gauge: IntGauge,
     object_store_up: IntGauge,
 }
 
@@ -35,10 +38,15 @@ impl Readiness {
     pub fn new() -> Arc<Self> {
         Arc::new(Readiness {
             metadata: AtomicBool::new(false),
+            metadata_writable: AtomicBool::new(false),
             object_store: AtomicBool::new(false),
             metadata_up: metrics::gauge(
                 "berth_metadata_store_up",
                 "1 if the last readiness probe could read the metadata store.",
+            ),
+            metadata_writable_gauge: metrics::gauge(
+                "berth_metadata_store_writable",
+                "1 if the last readiness probe found the metadata store able to write.",
             ),
             object_store_up: metrics::gauge(
                 "berth_object_store_up",
@@ -47,24 +55,27 @@ impl Readiness {
         })
     }
 
-    fn set(&self, metadata: bool, object_store: bool) {
+    fn set(&self, metadata: bool, writable: bool, object_store: bool) {
         self.metadata.store(metadata, Ordering::Relaxed);
+        self.metadata_writable.store(writable, Ordering::Relaxed);
         self.object_store.store(object_store, Ordering::Relaxed);
         self.metadata_up.set(metadata as i64);
+        self.metadata_writable_gauge.set(writable as i64);
         self.object_store_up.set(object_store as i64);
     }
 
     /// None when ready, else what is wrong.
-    pub fn problem(&self) -> Option<&'static str> {
-        match (
-            self.metadata.load(Ordering::Relaxed),
-            self.object_store.load(Ordering::Relaxed),
-        ) {
-            (true, true) => None,
-            (false, true) => Some("metadata store unavailable"),
-            (true, false) => Some("object store unreachable"),
-            (false, false) => Some("metadata store and object store unavailable"),
+    pub fn problem(&self) -> Option<String> {
+        let mut problems = Vec::new();
+        if !self.metadata.load(Ordering::Relaxed) {
+            problems.push("metadata store unavailable");
+        } else if !self.metadata_writable.load(Ordering::Relaxed) {
+            problems.push("metadata store cannot write (reads go on)");
         }
+        if !self.object_store.load(Ordering::Relaxed) {
+            problems.push("object store unreachable");
+        }
+        (!problems.is_empty()).then(|| problems.join(", "))
     }
 }
 
@@ -77,6 +88,13 @@ pub struct ReadinessProbe {
 impl ReadinessProbe {
     pub async fn probe_once(&self) {
         let metadata = self.registry.meta.repository_exists("").await.is_ok();
+        let writable = match self.registry.meta.check_writable().await {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("readiness: {e}");
+                false
+            }
+        };
         let object_store = match self.registry.store.check().await {
             Ok(()) => true,
             Err(e) => {
@@ -84,7 +102,7 @@ impl ReadinessProbe {
                 false
             }
         };
-        self.readiness.set(metadata, object_store);
+        self.readiness.set(metadata, writable, object_store);
     }
 }
 

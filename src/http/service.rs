@@ -12,6 +12,7 @@ use pingora_http::RequestHeader;
 use pingora_proxy::{ProxyHttp, Session};
 
 use super::access_log::{AccessLog, Entry};
+use super::drain::{InFlight, Request};
 use super::endpoint::{Endpoint, ROUTES, UNMATCHED_ROUTE};
 use super::handlers::handle;
 use super::response::send_error;
@@ -24,6 +25,7 @@ pub struct BerthService {
     /// Authentication, access and limits, checked before every handler.
     guard: Arc<Guard>,
     access_log: AccessLog,
+    in_flight: InFlight,
 }
 
 /// Per-request state.
@@ -34,6 +36,8 @@ pub struct RequestCtx {
     route: &'static str,
     /// The authenticated user, for the access log.
     pub user: Option<String>,
+    /// Counts this request as in flight until it is done (graceful shutdown waits for it).
+    _in_flight: Request,
 }
 
 impl BerthService {
@@ -42,7 +46,14 @@ impl BerthService {
             registry,
             guard: Arc::new(Guard::open()),
             access_log: AccessLog::new(None),
+            in_flight: InFlight::default(),
         }
+    }
+
+    /// Counts the requests being answered in `in_flight`.
+    pub fn with_in_flight(mut self, in_flight: InFlight) -> Self {
+        self.in_flight = in_flight;
+        self
     }
 
     /// Writes an access-log line per request to `log` (none by default).
@@ -68,6 +79,7 @@ impl ProxyHttp for BerthService {
             route_index: UNMATCHED_ROUTE,
             route: ROUTES[UNMATCHED_ROUTE],
             user: None,
+            _in_flight: self.in_flight.enter(),
         }
     }
 

@@ -310,4 +310,9 @@ impl<M: MetaStore> MetaStore for Instrumented<M> {
         let _t = self.timers.delete_tag_if.start_timer();
         self.inner.delete_tag_if(repo, tag, digest).await
     }
+
+    /// Not timed: the readiness probe's, not a client's.
+    async fn check_writable(&self) -> MetaResult<()> {
+        self.inner.check_writable().await
+    }
 }

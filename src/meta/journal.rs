@@ -735,6 +735,10 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
         Ok(deleted)
     }
 
+    async fn check_writable(&self) -> MetaResult<()> {
+        self.inner.check_writable().await
+    }
+
     async fn journal_watermark(&self) -> MetaResult<Option<String>> {
         self.inner.journal_watermark().await
     }

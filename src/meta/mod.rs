@@ -27,6 +27,16 @@ pub enum MetaError {
     Unavailable(String),
 }
 
+impl MetaError {
+    /// The same kind of error, its message prefixed with `what`.
+    pub fn context(self, what: impl std::fmt::Display) -> MetaError {
+        match self {
+            MetaError::Failed(m) => MetaError::Failed(format!("{what}: {m}")),
+            MetaError::Unavailable(m) => MetaError::Unavailable(format!("{what}: {m}")),
+        }
+    }
+}
+
 pub type MetaResult<T> = Result<T, MetaError>;
 
 /// Where a blob's bytes live in the bucket.
@@ -315,4 +325,10 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Deletes `tag` only if it still points at `digest` (a tag re-pushed after a retention
     /// decision stays), queueing the manifest like [`MetaStore::delete_tag`].
     async fn delete_tag_if(&self, repo: &str, tag: &str, digest: &Digest) -> MetaResult<bool>;
+
+    // ---- health ----
+    /// Ok when a write could commit now. The readiness probe calls it every few seconds; a
+    /// backend that heals itself (redb: reopening the database after an I/O error) does it
+    /// here too, so that it recovers even when no client writes.
+    async fn check_writable(&self) -> MetaResult<()>;
 }

@@ -17,6 +17,7 @@
 //! | `uploads`        | session id                           | [`UploadSession`] as JSON                    |
 //! | `upload_pending` | `(session id, chunk sequence u32)`   | chunk bytes                                  |
 //! | `journal`        | `"watermark"`                        | the bucket journal's watermark               |
+//! | `write_probe`    | `"probe"`                            | bytes, only while probing after an I/O error |
 //!
 //! and the garbage-collection tables (reference index, queue) described in [`gc`].
 //!
@@ -29,12 +30,21 @@
 //! Every [`MetaStore`] method is exactly one redb transaction. Writes commit with redb's default
 //! `Immediate` durability (fsync before `commit` returns) and therefore run on tokio's blocking
 //! pool; reads are a few microseconds and run inline on the calling task.
+//!
+//! # I/O errors
+//!
+//! After an I/O error (disk full) redb refuses every later operation, reads included, until
+//! the database is closed and opened again; a failed commit leaves the file at the last
+//! committed transaction. So a write that fails on I/O reopens the database at once (reads go
+//! on), and writes are then answered [`MetaError::Unavailable`] for [`WRITE_RETRY`] before
+//! the next one is tried. [`MetaStore::check_writable`] probes with a write of
+//! [`PROBE_BYTES`] meanwhile, so that the store heals, and says so, without client writes.
 
-use std::fmt::Display;
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use ::redb::{
     Database, Durability, Key, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable,
@@ -77,13 +87,37 @@ const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
 const UPLOAD_PENDING: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("upload_pending");
 /// "watermark" -> the bucket journal's watermark (see [`MetaStore::journal_watermark`])
 const JOURNAL: TableDefinition<&str, &str> = TableDefinition::new("journal");
+/// "probe" -> bytes, written and removed again by [`MetaStore::check_writable`] after an
+/// I/O error; empty otherwise.
+const WRITE_PROBE: TableDefinition<&str, &[u8]> = TableDefinition::new("write_probe");
+
+/// After a write failed on I/O, how long further writes are refused before one is tried.
+pub const WRITE_RETRY: Duration = Duration::from_secs(1);
+/// Size of the write that tells whether the store can write again: large enough to need new
+/// space in the file, as a manifest or an upload's pending bytes do.
+const PROBE_BYTES: usize = 1 << 20;
 
 /// The embedded metadata store. Cheap to clone (the database is shared).
 #[derive(Clone)]
 pub struct RedbStore {
-    db: Arc<Database>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    /// None while the file could not be opened again after an I/O error.
+    db: RwLock<Option<Arc<Database>>>,
+    /// The last write that failed on I/O, until a write commits again.
+    write_failure: Mutex<Option<WriteFailure>>,
+    /// When the database was last opened again (reads retry at most every [`WRITE_RETRY`]).
+    reopened: Mutex<Instant>,
     /// Bulk loading (a rebuild from the bucket): commits skip the fsync until it ends.
-    bulk: Arc<AtomicBool>,
+    bulk: AtomicBool,
+}
+
+struct WriteFailure {
+    cause: String,
+    at: Instant,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -99,12 +133,20 @@ enum Outcome<T> {
     Abort(T),
 }
 
-/// Maps any redb (or other displayable) error to a [`MetaError`] with context.
-fn ctx<E: Display>(what: &'static str) -> impl FnOnce(E) -> MetaError {
-    move |e| MetaError::Failed(format!("{what}: {e}"))
+/// Maps a redb error to a [`MetaError`] with context: I/O errors (disk full, and redb's
+/// "previous I/O error" until the database is reopened) are [`MetaError::Unavailable`].
+fn ctx<E: Into<::redb::Error>>(what: &'static str) -> impl FnOnce(E) -> MetaError {
+    move |e| {
+        let e: ::redb::Error = e.into();
+        let message = format!("{what}: {e}");
+        match e {
+            ::redb::Error::Io(_) | ::redb::Error::PreviousIo => MetaError::Unavailable(message),
+            _ => MetaError::Failed(message),
+        }
+    }
 }
 
-fn corrupt(what: &str, detail: impl Display) -> MetaError {
+fn corrupt(what: &str, detail: impl std::fmt::Display) -> MetaError {
     MetaError::Failed(format!("corrupt record in {what}: {detail}"))
 }
 
@@ -117,7 +159,8 @@ fn decode_session(bytes: &[u8]) -> MetaResult<UploadSession> {
 }
 
 fn encode_session(session: &UploadSession) -> MetaResult<Vec<u8>> {
-    serde_json::to_vec(session).map_err(ctx("encode upload session"))
+    serde_json::to_vec(session)
+        .map_err(|e| MetaError::Failed(format!("encode upload session: {e}")))
 }
 
 fn wtable<'t, K: Key + 'static, V: Value + 'static>(
@@ -125,7 +168,7 @@ fn wtable<'t, K: Key + 'static, V: Value + 'static>(
     def: TableDefinition<K, V>,
 ) -> MetaResult<Table<'t, K, V>> {
     txn.open_table(def)
-        .map_err(|e| MetaError::Failed(format!("open table {}: {e}", def.name())))
+        .map_err(|e| ctx("open table")(e).context(def.name()))
 }
 
 fn rtable<K: Key + 'static, V: Value + 'static>(
@@ -133,7 +176,7 @@ fn rtable<K: Key + 'static, V: Value + 'static>(
     def: TableDefinition<K, V>,
 ) -> MetaResult<ReadOnlyTable<K, V>> {
     txn.open_table(def)
-        .map_err(|e| MetaError::Failed(format!("open table {}: {e}", def.name())))
+        .map_err(|e| ctx("open table")(e).context(def.name()))
 }
 
 fn read_manifest(
@@ -241,34 +284,51 @@ fn missing_reference(
     Ok(None)
 }
 
+/// Opens (creating if need be) the database file and every table.
+fn open_database(path: &Path) -> MetaResult<Database> {
+    let db = Database::create(path).map_err(|e| match e {
+        ::redb::DatabaseError::DatabaseAlreadyOpen => MetaError::Failed(format!(
+            "{} is in use by another process (another berth on this data directory?)",
+            path.display()
+        )),
+        e => ctx("open")(e).context(path.display()),
+    })?;
+    let txn = db.begin_write().map_err(ctx("create tables"))?;
+    wtable(&txn, BLOBS)?;
+    wtable(&txn, REPO_BLOBS)?;
+    wtable(&txn, MANIFESTS)?;
+    wtable(&txn, TAGS)?;
+    wtable(&txn, REPOSITORIES)?;
+    wtable(&txn, REFERRERS)?;
+    wtable(&txn, UPLOADS)?;
+    wtable(&txn, UPLOAD_PENDING)?;
+    wtable(&txn, WRITE_PROBE)?;
+    wtable(&txn, JOURNAL)?;
+    wtable(&txn, REFS)?;
+    wtable(&txn, MANIFEST_REFS)?;
+    wtable(&txn, BLOB_LINKS)?;
+    wtable(&txn, TAG_TIMES)?;
+    wtable(&txn, GC_QUEUE)?;
+    wtable(&txn, GC_DUE)?;
+    gc::upgrade(&txn, unix_now())?;
+    txn.commit().map_err(ctx("create tables"))?;
+    Ok(db)
+}
+
 impl RedbStore {
     /// Creates or opens the database file at `path` (its directory must exist), creates any
     /// missing table, and builds the garbage-collection tables once for a database written
     /// before they existed (see [`gc::upgrade`]).
     pub fn open(path: &Path) -> MetaResult<RedbStore> {
-        let db = Database::create(path)
-            .map_err(|e| MetaError::Failed(format!("open {}: {e}", path.display())))?;
-        let txn = db.begin_write().map_err(ctx("create tables"))?;
-        wtable(&txn, BLOBS)?;
-        wtable(&txn, REPO_BLOBS)?;
-        wtable(&txn, MANIFESTS)?;
-        wtable(&txn, TAGS)?;
-        wtable(&txn, REPOSITORIES)?;
-        wtable(&txn, REFERRERS)?;
-        wtable(&txn, UPLOADS)?;
-        wtable(&txn, UPLOAD_PENDING)?;
-        wtable(&txn, JOURNAL)?;
-        wtable(&txn, REFS)?;
-        wtable(&txn, MANIFEST_REFS)?;
-        wtable(&txn, BLOB_LINKS)?;
-        wtable(&txn, TAG_TIMES)?;
-        wtable(&txn, GC_QUEUE)?;
-        wtable(&txn, GC_DUE)?;
-        gc::upgrade(&txn, unix_now())?;
-        txn.commit().map_err(ctx("create tables"))?;
+        let db = open_database(path)?;
         Ok(RedbStore {
-            db: Arc::new(db),
-            bulk: Arc::new(AtomicBool::new(false)),
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                db: RwLock::new(Some(Arc::new(db))),
+                write_failure: Mutex::new(None),
+                reopened: Mutex::new(Instant::now()),
+                bulk: AtomicBool::new(false),
+            }),
         })
     }
 
@@ -276,18 +336,25 @@ impl RedbStore {
     /// applies thousands of records; a crash in between leaves the store as it was before,
     /// and the rebuild runs again).
     pub fn begin_bulk(&self) {
-        self.bulk.store(true, Ordering::SeqCst);
+        self.inner.bulk.store(true, Ordering::SeqCst);
     }
 
     /// Bulk loading off: one durable commit makes everything before it durable.
     pub async fn end_bulk(&self) -> MetaResult<()> {
-        self.bulk.store(false, Ordering::SeqCst);
+        self.inner.bulk.store(false, Ordering::SeqCst);
         self.write("end bulk load", |_| Ok(Outcome::Commit(())))
             .await
     }
 
     fn read(&self) -> MetaResult<ReadTransaction> {
-        self.db.begin_read().map_err(ctx("begin read transaction"))
+        if let Some(db) = self.inner.db.read().expect("database lock").as_ref() {
+            return db.begin_read().map_err(ctx("begin read transaction"));
+        }
+        self.inner.reopen_if_due();
+        match self.inner.db.read().expect("database lock").as_ref() {
+            Some(db) => db.begin_read().map_err(ctx("begin read transaction")),
+            None => Err(self.inner.closed()),
+        }
     }
 
     /// Runs `f` in one write transaction on the blocking pool, committing (durably) or aborting
@@ -297,34 +364,133 @@ impl RedbStore {
         T: Send + 'static,
         F: FnOnce(&WriteTransaction) -> MetaResult<Outcome<T>> + Send + 'static,
     {
-        let db = self.db.clone();
-        let bulk = self.bulk.load(Ordering::SeqCst);
-        tokio::task::spawn_blocking(move || {
-            let mut txn = db.begin_write().map_err(ctx(what))?;
-            if bulk {
-                txn.set_durability(Durability::None).map_err(ctx(what))?;
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.write(what, f))
+            .await
+            .map_err(|e| MetaError::Failed(format!("{what}: write task failed: {e}")))?
+    }
+}
+
+impl Inner {
+    fn write<T, F>(&self, what: &'static str, f: F) -> MetaResult<T>
+    where
+        F: FnOnce(&WriteTransaction) -> MetaResult<Outcome<T>>,
+    {
+        if let Some(failure) = self.write_failure.lock().expect("failure lock").as_ref() {
+            if failure.at.elapsed() < WRITE_RETRY {
+                return Err(MetaError::Unavailable(format!(
+                    "{what}: writes failing: {}",
+                    failure.cause
+                )));
             }
-            match f(&txn) {
-                Ok(Outcome::Commit(out)) => {
-                    txn.commit().map_err(ctx(what))?;
-                    Ok(out)
-                }
-                Ok(Outcome::Abort(out)) => {
-                    txn.abort().map_err(ctx(what))?;
-                    Ok(out)
-                }
-                Err(e) => {
-                    // The original error matters more than a failure to abort.
-                    let _ = txn.abort();
-                    Err(match e {
-                        MetaError::Failed(m) => MetaError::Failed(format!("{what}: {m}")),
-                        MetaError::Unavailable(m) => MetaError::Unavailable(format!("{what}: {m}")),
-                    })
+        }
+        let db = self.database()?;
+        let result = transact(&db, what, self.bulk.load(Ordering::SeqCst), f);
+        drop(db); // reopening needs the only reference
+        match &result {
+            Err(MetaError::Unavailable(cause)) => self.write_failed(cause),
+            Ok(_) => self.write_succeeded(),
+            Err(MetaError::Failed(_)) => {}
+        }
+        result
+    }
+
+    /// The open database, opening it again if an earlier attempt failed.
+    fn database(&self) -> MetaResult<Arc<Database>> {
+        if let Some(db) = self.db.read().expect("database lock").as_ref() {
+            return Ok(db.clone());
+        }
+        self.reopen();
+        self.db
+            .read()
+            .expect("database lock")
+            .clone()
+            .ok_or_else(|| self.closed())
+    }
+
+    fn closed(&self) -> MetaError {
+        let cause = match self.write_failure.lock().expect("failure lock").as_ref() {
+            Some(f) => f.cause.clone(),
+            None => "closed".to_string(),
+        };
+        MetaError::Unavailable(format!("{} is not open: {cause}", self.path.display()))
+    }
+
+    fn write_failed(&self, cause: &str) {
+        let mut failure = self.write_failure.lock().expect("failure lock");
+        if failure.is_none() {
+            log::error!(
+                "metadata store: a write failed on I/O ({cause}); writes answer 503 until one \
+                 commits again"
+            );
+        }
+        *failure = Some(WriteFailure {
+            cause: cause.to_string(),
+            at: Instant::now(),
+        });
+        drop(failure);
+        self.reopen();
+    }
+
+    fn write_succeeded(&self) {
+        let mut failure = self.write_failure.lock().expect("failure lock");
+        if failure.take().is_some() {
+            log::info!("metadata store: writes commit again");
+        }
+    }
+
+    fn reopen_if_due(&self) {
+        if self.reopened.lock().expect("reopen lock").elapsed() >= WRITE_RETRY {
+            self.reopen();
+        }
+    }
+
+    /// Closes the database and opens it again: redb's way out of a previous I/O error. Left
+    /// alone while another write still holds the database; that one reopens when it fails.
+    fn reopen(&self) {
+        let mut slot = self.db.write().expect("database lock");
+        *self.reopened.lock().expect("reopen lock") = Instant::now();
+        if let Some(old) = slot.take() {
+            match Arc::try_unwrap(old) {
+                // Its error is the one being handled.
+                Ok(db) => drop(db.close()),
+                Err(in_use) => {
+                    *slot = Some(in_use);
+                    return;
                 }
             }
-        })
-        .await
-        .map_err(|e| MetaError::Failed(format!("{what}: write task failed: {e}")))?
+        }
+        match open_database(&self.path) {
+            Ok(db) => *slot = Some(Arc::new(db)),
+            Err(e) => log::warn!("metadata store: cannot open it again yet: {e}"),
+        }
+    }
+}
+
+/// One write transaction: committed or aborted as `f` says; an error aborts.
+fn transact<T, F>(db: &Database, what: &'static str, bulk: bool, f: F) -> MetaResult<T>
+where
+    F: FnOnce(&WriteTransaction) -> MetaResult<Outcome<T>>,
+{
+    let mut txn = db.begin_write().map_err(ctx(what))?;
+    if bulk {
+        txn.set_durability(Durability::None)
+            .map_err(|e| MetaError::Failed(format!("{what}: {e}")))?;
+    }
+    match f(&txn) {
+        Ok(Outcome::Commit(out)) => {
+            txn.commit().map_err(ctx(what))?;
+            Ok(out)
+        }
+        Ok(Outcome::Abort(out)) => {
+            txn.abort().map_err(ctx(what))?;
+            Ok(out)
+        }
+        Err(e) => {
+            // The original error matters more than a failure to abort.
+            let _ = txn.abort();
+            Err(e.context(what))
+        }
     }
 }
 
@@ -393,10 +559,9 @@ impl MetaStore for RedbStore {
         let repo = repo.to_owned();
         let adopted = blobs.to_vec();
         self.write("adopt_blobs", move |txn| {
-            let mut index = wtable(txn, BLOBS)?;
-            let mut links = wtable(txn, REPO_BLOBS)?;
             let mut out = Vec::with_capacity(adopted.len());
             for (digest, record) in &adopted {
+                let mut index = wtable(txn, BLOBS)?;
                 let existing = index
                     .get(digest.as_str())
                     .map_err(ctx("get blob"))?
@@ -416,14 +581,11 @@ impl MetaStore for RedbStore {
                         Linked::New
                     }
                 });
-                links
-                    .insert((repo.as_str(), digest.as_str()), ())
-                    .map_err(ctx("insert link"))?;
+                drop(index);
+                // Both link directions, the catalog, and the blob's GC candidate (an adopted
+                // blob no manifest references is collected after the grace like any other).
+                link(txn, &repo, digest.as_str())?;
             }
-            let mut repos = wtable(txn, REPOSITORIES)?;
-            repos
-                .insert(repo.as_str(), ())
-                .map_err(ctx("insert repository"))?;
             Ok(Outcome::Commit(out))
         })
         .await
@@ -887,6 +1049,35 @@ impl MetaStore for RedbStore {
                 let (kind, repo, digest) = gc::candidate_key(c);
                 gc::enqueue_if_absent(txn, kind, repo, digest, now)?;
             }
+            Ok(Outcome::Commit(()))
+        })
+        .await
+    }
+
+    async fn check_writable(&self) -> MetaResult<()> {
+        let failing = self
+            .inner
+            .write_failure
+            .lock()
+            .expect("failure lock")
+            .is_some();
+        if !failing {
+            return Ok(());
+        }
+        // A write that needs new space in the file, then its removal: a disk that is still
+        // full fails the first.
+        self.write("check_writable", |txn| {
+            let mut probe = wtable(txn, WRITE_PROBE)?;
+            let bytes = vec![0u8; PROBE_BYTES];
+            probe
+                .insert("probe", &bytes[..])
+                .map_err(ctx("insert probe"))?;
+            Ok(Outcome::Commit(()))
+        })
+        .await?;
+        self.write("check_writable", |txn| {
+            let mut probe = wtable(txn, WRITE_PROBE)?;
+            probe.remove("probe").map_err(ctx("remove probe"))?;
             Ok(Outcome::Commit(()))
         })
         .await

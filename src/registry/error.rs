@@ -16,6 +16,9 @@ pub enum RegistryError {
     BlobUploadUnknown,
     #[error("provided digest did not match uploaded content")]
     DigestInvalid(String),
+    /// A digest that is not one (bad syntax, unknown algorithm): also DIGEST_INVALID.
+    #[error("invalid digest")]
+    DigestMalformed(String),
     #[error("manifest references a blob unknown to the repository: {0}")]
     ManifestBlobUnknown(String),
     #[error("manifest invalid: {0}")]
@@ -46,7 +49,8 @@ pub enum RegistryError {
     UploadBusy,
     #[error("invalid pagination parameter: {0}")]
     PaginationInvalid(String),
-    #[error("object store unavailable, retry later")]
+    /// The object store or the metadata store cannot serve this now: retry later (503).
+    #[error("storage unavailable, retry later")]
     Unavailable(String),
     /// Missing or invalid credentials; `challenge` is the WWW-Authenticate value.
     #[error("authentication required")]
@@ -72,6 +76,7 @@ impl RegistryError {
             }
             BlobUploadInvalid(_)
             | DigestInvalid(_)
+            | DigestMalformed(_)
             | ManifestBlobUnknown(_)
             | ManifestInvalid(_)
             | NameInvalid
@@ -97,7 +102,7 @@ impl RegistryError {
             BlobUnknown => "BLOB_UNKNOWN",
             BlobUploadInvalid(_) | UploadBusy | RangeInvalid { .. } => "BLOB_UPLOAD_INVALID",
             BlobUploadUnknown => "BLOB_UPLOAD_UNKNOWN",
-            DigestInvalid(_) => "DIGEST_INVALID",
+            DigestInvalid(_) | DigestMalformed(_) => "DIGEST_INVALID",
             ManifestBlobUnknown(_) => "MANIFEST_BLOB_UNKNOWN",
             ManifestInvalid(_) => "MANIFEST_INVALID",
             ManifestUnknown => "MANIFEST_UNKNOWN",
@@ -122,6 +127,7 @@ impl RegistryError {
         match self {
             BlobUploadInvalid(d)
             | DigestInvalid(d)
+            | DigestMalformed(d)
             | ManifestBlobUnknown(d)
             | ManifestInvalid(d)
             | SizeInvalid(d)
@@ -168,6 +174,8 @@ impl From<StorageError> for RegistryError {
             StorageError::Unreachable { .. } | StorageError::Unavailable { .. } => {
                 RegistryError::Unavailable(e.to_string())
             }
+            // The session's bytes are gone with it: the client starts a new upload.
+            StorageError::UploadGone { .. } => RegistryError::BlobUploadUnknown,
             other => RegistryError::Internal(other.to_string()),
         }
     }
@@ -187,7 +195,12 @@ mod tests {
         assert!(v["errors"][0]["message"]
             .as_str()
             .unwrap()
-            .contains("digest"));
+            .contains("did not match"));
+        let e = RegistryError::DigestMalformed("\"latest\" is not a digest".into());
+        assert_eq!(e.status(), 400);
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["errors"][0]["code"], "DIGEST_INVALID");
+        assert_eq!(v["errors"][0]["message"], "invalid digest");
     }
 
     #[test]

@@ -75,10 +75,14 @@ impl Registry {
                 });
             }
         }
-        let mut w = PartWriter::resume(self, session).await?;
-        w.write_body(body, content_length).await?;
-        w.commit_tail().await?;
-        Ok(std::mem::take(&mut w.session))
+        let appended = async {
+            let mut w = PartWriter::resume(self, session).await?;
+            w.write_body(body, content_length).await?;
+            w.commit_tail().await?;
+            Ok(std::mem::take(&mut w.session))
+        }
+        .await;
+        self.forget_if_vanished(id, appended).await
     }
 
     /// PUT ?digest=: appends the (optional) final body, verifies the digest and links the blob.
@@ -112,7 +116,7 @@ impl Registry {
     ) -> RegistryResult<()> {
         let _writer = self.claim_upload(id)?;
         let session = self.upload_status(repo, id).await?;
-        match content_length {
+        let finished = match content_length {
             // The whole blob in one request of known length: one streaming PutObject. Not when
             // an earlier request began a multipart upload (and went away before committing
             // anything): the parts path completes that upload instead of orphaning it.
@@ -125,13 +129,17 @@ impl Registry {
                 self.put_whole(session, digest, len, body).await
             }
             _ => {
-                let mut w = PartWriter::resume(self, session).await?;
-                if content_length != Some(0) {
-                    w.write_body(body, content_length).await?;
+                async {
+                    let mut w = PartWriter::resume(self, session).await?;
+                    if content_length != Some(0) {
+                        w.write_body(body, content_length).await?;
+                    }
+                    w.finish(digest).await
                 }
-                w.finish(digest).await
+                .await
             }
-        }
+        };
+        self.forget_if_vanished(id, finished).await
     }
 
     /// POST ?digest=: a monolithic upload.
@@ -180,19 +188,66 @@ impl Registry {
         Ok(self.meta.link_blob(repo, digest).await?)
     }
 
-    /// Aborts sessions idle longer than the configured expiry. Returns how many.
-    pub async fn expire_uploads(&self) -> RegistryResult<usize> {
+    /// Aborts sessions idle longer than the configured expiry, each on its own: one that
+    /// cannot be discarded is logged with its cause, counted, and retried on the next pass.
+    /// Err only when the idle sessions cannot be listed.
+    pub async fn expire_uploads(&self) -> RegistryResult<Expired> {
         let cutoff = unix_now().saturating_sub(self.settings.session_expiry.as_secs());
-        let mut n = 0;
+        let mut pass = Expired::default();
         for session in self.meta.idle_uploads(cutoff).await? {
             let Ok(_writer) = self.claim_upload(&session.id) else {
                 continue; // being written right now: not idle
             };
-            self.discard_session(&session).await?;
-            UPLOADS.expired.inc();
-            n += 1;
+            match self.expire_session(&session).await {
+                Ok(()) => {
+                    UPLOADS.expired.inc();
+                    pass.expired += 1;
+                }
+                Err(e) => {
+                    log::warn!("upload expiry: session {}: {}", session.id, cause(&e));
+                    UPLOADS.expiry_failures.inc();
+                    pass.failed += 1;
+                }
+            }
         }
-        Ok(n)
+        Ok(pass)
+    }
+
+    async fn expire_session(&self, session: &UploadSession) -> RegistryResult<()> {
+        if session.multipart_id.is_none() {
+            // A crash after a whole-blob PutObject and before the link leaves the object
+            // behind with nothing naming it but this session.
+            self.store.delete_object(&session.key).await?;
+        }
+        self.discard_session(session).await
+    }
+
+    /// `result` of writing session `id`: BLOB_UPLOAD_UNKNOWN there means its multipart upload
+    /// is gone from the object store (a crash inside its completion, or the store lost it).
+    /// Its bytes cannot be finished, so the session goes too and the client starts over.
+    async fn forget_if_vanished<T>(
+        &self,
+        id: &str,
+        result: RegistryResult<T>,
+    ) -> RegistryResult<T> {
+        if !matches!(result, Err(RegistryError::BlobUploadUnknown)) {
+            return result;
+        }
+        let Ok(Some(session)) = self.meta.upload(id).await else {
+            return result;
+        };
+        log::warn!(
+            "upload {id}: its multipart upload is gone from the object store; session discarded"
+        );
+        // The completion may have assembled the object before the crash: nothing links it.
+        let deleted = self.store.delete_object(&session.key).await;
+        if let Err(e) = deleted.map_err(RegistryError::from) {
+            log::warn!("upload {id}: {}", cause(&e));
+        }
+        if let Err(e) = self.discard_session(&session).await {
+            log::warn!("upload {id}: session not discarded: {}", cause(&e));
+        }
+        result
     }
 
     async fn discard_session(&self, session: &UploadSession) -> RegistryResult<()> {
@@ -338,6 +393,22 @@ impl Registry {
             registry: self,
             id: id.to_string(),
         })
+    }
+}
+
+/// What one expiry pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Expired {
+    pub expired: usize,
+    /// Sessions that could not be discarded (logged; retried on the next pass).
+    pub failed: usize,
+}
+
+/// The cause of an error for the log: the internal detail, not just the client message.
+fn cause(e: &RegistryError) -> String {
+    match e {
+        RegistryError::Internal(c) | RegistryError::Unavailable(c) => c.clone(),
+        other => other.to_string(),
     }
 }
 

@@ -38,6 +38,10 @@ pub enum StorageError {
     /// 503 / SlowDown / 5xx still failing after the bounded retries: clients should retry.
     #[error("object store unavailable: HTTP {status} {code}")]
     Unavailable { status: u16, code: String },
+    /// The multipart upload is not in the object store any more (NoSuchUpload; or, from
+    /// s3s-fs, AccessDenied while the credentials still work: it forgot the upload).
+    #[error("multipart upload {upload_id} is gone from the object store")]
+    UploadGone { upload_id: String },
     /// Anything else (the S3 error code and message, for the log).
     #[error("object store error: HTTP {status} {code}: {message}")]
     Failed {
@@ -137,6 +141,9 @@ pub struct MultipartPage {
 pub struct ObjectStore {
     sender: Sender,
     prefix: String,
+    /// The embedded store's root, when berth runs it: parts of uploads that s3s-fs forgot
+    /// (a crash inside CompleteMultipartUpload) are reclaimed from there.
+    embedded_root: Option<std::path::PathBuf>,
 }
 
 /// The parts of `storage.endpoint` the store needs.
@@ -271,7 +278,14 @@ impl ObjectStore {
                 retry,
             },
             prefix: cfg.prefix.clone(),
+            embedded_root: None,
         })
+    }
+
+    /// This store is berth's embedded one, rooted at `root` (see [`embedded`]).
+    pub fn with_embedded_root(mut self, root: std::path::PathBuf) -> Self {
+        self.embedded_root = Some(root);
+        self
     }
 
     /// Startup check: can we reach the endpoint, does the bucket exist, are the credentials
@@ -472,7 +486,7 @@ impl ObjectStore {
     ) -> Result<String, StorageError> {
         timed(StoreOp::UploadPart, async {
             let n = part_number.to_string();
-            let r = self
+            let sent = self
                 .sender
                 .send(
                     Method::PUT,
@@ -480,7 +494,8 @@ impl ObjectStore {
                     &[("partNumber", &n), ("uploadId", upload_id)],
                     body.into(),
                 )
-                .await?;
+                .await;
+            let r = self.upload_outcome(upload_id, sent).await?;
             r.headers
                 .get(http::header::ETAG)
                 .and_then(|v| v.to_str().ok())
@@ -504,23 +519,26 @@ impl ObjectStore {
     ) -> Result<(), StorageError> {
         timed(StoreOp::CompleteMultipart, async {
             let body = Bytes::from(client::complete_body(parts));
-            self.sender
+            let sent = self
+                .sender
                 .send(
                     Method::POST,
                     Some(key),
                     &[("uploadId", upload_id)],
                     SendBody::Bytes(body),
                 )
-                .await
-                .map(|_| ())
+                .await;
+            self.upload_outcome(upload_id, sent).await.map(|_| ())
         })
         .await
     }
 
-    /// AbortMultipartUpload. NoSuchUpload counts as success. One request.
+    /// AbortMultipartUpload. An upload that is already gone counts as success; in the embedded
+    /// store its stranded part files are removed. One request (two when AccessDenied needs
+    /// telling apart).
     pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StorageError> {
         timed(StoreOp::AbortMultipart, async {
-            match self
+            let sent = self
                 .sender
                 .send(
                     Method::DELETE,
@@ -528,11 +546,23 @@ impl ObjectStore {
                     &[("uploadId", upload_id)],
                     SendBody::Empty,
                 )
-                .await
-            {
+                .await;
+            match self.upload_outcome(upload_id, sent).await {
                 Ok(_) => Ok(()),
-                Err(StorageError::Failed { status: 404, .. }) => Ok(()),
-                Err(StorageError::Failed { code, .. }) if code == "NoSuchUpload" => Ok(()),
+                Err(StorageError::UploadGone { .. }) => {
+                    if let Some(root) = &self.embedded_root {
+                        match embedded::remove_upload_files(root, upload_id) {
+                            Ok(0) => {}
+                            Ok(n) => log::info!(
+                                "multipart upload {upload_id}: removed {n} stranded files"
+                            ),
+                            Err(e) => log::warn!(
+                                "multipart upload {upload_id}: stranded files not removed: {e}"
+                            ),
+                        }
+                    }
+                    Ok(())
+                }
                 Err(e) => Err(e),
             }
         })
@@ -561,6 +591,29 @@ impl ObjectStore {
                 .ok_or_else(|| malformed("ListMultipartUploads", &r.body))
         })
         .await
+    }
+
+    /// Tells an operation on multipart upload `upload_id` that failed because the upload is
+    /// gone ([`StorageError::UploadGone`]) from other failures. s3s-fs answers AccessDenied
+    /// for an upload it no longer knows; real S3 does so for bad credentials, so AccessDenied
+    /// only means "gone" when the bucket still answers.
+    async fn upload_outcome(
+        &self,
+        upload_id: &str,
+        sent: Result<client::Response, StorageError>,
+    ) -> Result<client::Response, StorageError> {
+        let gone = || StorageError::UploadGone {
+            upload_id: upload_id.to_string(),
+        };
+        match sent {
+            Err(StorageError::Failed { status: 404, .. }) => Err(gone()),
+            Err(StorageError::Failed { code, .. }) if code == "NoSuchUpload" => Err(gone()),
+            Err(e @ StorageError::AccessDenied { .. }) => match self.check().await {
+                Ok(()) => Err(gone()),
+                Err(_) => Err(e),
+            },
+            other => other,
+        }
     }
 
     /// DeleteObject. A missing object counts as success. One request.

@@ -360,6 +360,12 @@ impl Berth {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Replaces the config (`extra_yaml` as in [`Berth::start`]); takes effect at the next
+    /// [`Berth::restart`].
+    pub fn rewrite_config(&self, extra_yaml: &str) {
+        std::fs::write(&self.config_path, extra_yaml).unwrap();
+    }
+
     /// Kills berth abruptly (no graceful shutdown) and starts it again on the same port and
     /// data directory.
     pub fn restart(&mut self) {
@@ -441,6 +447,65 @@ pub fn have_tool(tool: &str, package: &str) -> bool {
          (Debian/Ubuntu: apt-get install -y {package}) or set BERTH_SKIP_CLIENT_TESTS=1 to skip \
          the tests that need it."
     );
+}
+
+/// How a `berth serve` that was expected to stop on its own ended.
+pub struct Exited {
+    pub status: std::process::ExitStatus,
+    /// stdout and stderr.
+    pub output: String,
+    /// From spawn to exit.
+    pub after: Duration,
+}
+
+/// Runs `berth serve` with the config `yaml` on `127.0.0.1:port` with `data_dir` until it
+/// exits; None (and killed) if it still runs after `wait`. For start-ups that must fail.
+pub fn serve_until_exit(yaml: &str, port: u16, data_dir: &Path, wait: Duration) -> Option<Exited> {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("berth.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let start = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn berth");
+    while start.elapsed() < wait {
+        if let Some(status) = child.try_wait().unwrap() {
+            let after = start.elapsed();
+            let mut output = String::new();
+            child
+                .stdout
+                .take()
+                .unwrap()
+                .read_to_string(&mut output)
+                .unwrap();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut output)
+                .unwrap();
+            return Some(Exited {
+                status,
+                output,
+                after,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
 }
 
 pub fn free_port() -> u16 {
