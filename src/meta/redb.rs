@@ -147,11 +147,19 @@ fn clear_pending(pending: &mut Table<'_, (&str, u32), &[u8]>, id: &str) -> MetaR
         .map_err(ctx("clear pending bytes"))
 }
 
+/// redb's page cache. Its default (1 GiB) fills with the pending bytes of upload sessions
+/// (up to a part each, written at the end of every chunked PATCH and read back by the next
+/// request), so memory would grow with the number of uploads past `upload.buffer_budget`.
+/// Metadata proper is small; pages outside the cache are read from the file (the OS page cache).
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 impl RedbStore {
     /// Creates or opens the database file at `path` (its directory must exist) and creates any
     /// missing table.
     pub fn open(path: &Path) -> MetaResult<RedbStore> {
-        let db = Database::create(path)
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
             .map_err(|e| MetaError(format!("open {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(ctx("create tables"))?;
         wtable(&txn, BLOBS)?;
