@@ -336,7 +336,8 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / tick
 
 
-def berth_registry(name, berth_bin, work, garage, bucket, port, serving, data_dir, access_log=False):
+def berth_registry(name, berth_bin, work, garage, bucket, port, serving, data_dir, access_log=False,
+                   extra=""):
     d = os.path.join(work, name)
     os.makedirs(d, exist_ok=True)
     # The access log is off, as distribution's (log.accesslog.disabled); the "berth-accesslog"
@@ -358,7 +359,7 @@ storage:
   secret_key: {garage.secret}
   path_style: true
   blob_serving: {serving}
-"""
+{extra}"""
     path = os.path.join(d, "berth.yaml")
     with open(path, "w") as f:
         f.write(conf)
@@ -653,6 +654,98 @@ def concurrent_get(url, n, expect, timeout=600):
                 p.wait()
     wall = time.monotonic() - t
     return total / wall / 1e6, wall
+
+
+class UploadBodies:
+    """Bodies for many concurrent uploads without many files: one shared file of `size` - 64
+    bytes, then 64 bytes of each upload's own (so every blob has its own digest). The shared
+    bytes are hashed once; each digest then only hashes its own tail. (Garage stores equal 1 MiB
+    blocks once, so the backend writes little: the registry, not the disk, is what is loaded.)"""
+
+    TAIL = 64
+
+    def __init__(self, work, size):
+        self.dir = os.path.join(work, "upload-bodies")
+        os.makedirs(self.dir, exist_ok=True)
+        self.size, self.shared = size, os.path.join(self.dir, "shared")
+        self.h = hashlib.sha256()
+        with open(self.shared, "wb") as f:
+            left, n = size - self.TAIL, 0
+            while left > 0:
+                chunk = hashlib.sha512(f"shared {n}".encode()).digest() * 16384  # 1 MiB
+                chunk = chunk[:left]
+                f.write(chunk)
+                self.h.update(chunk)
+                left -= len(chunk)
+                n += 1
+
+    def body(self, tag):
+        """(path of the tail file, digest) of the upload named `tag`."""
+        tail = hashlib.sha512(tag.encode()).digest()[:self.TAIL]
+        path = os.path.join(self.dir, hashlib.sha1(tag.encode()).hexdigest())
+        with open(path, "wb") as f:
+            f.write(tail)
+        h = self.h.copy()
+        h.update(tail)
+        return path, "sha256:" + h.hexdigest()
+
+
+def chunked_upload_procs(reg, bodies, n, tag):
+    """Starts n uploads at once, each POST + one chunked PATCH with the whole blob (what docker
+    and podman send) + PUT ?digest=, each in its own shell with curl. Returns [(Popen, digest)]."""
+    procs = []
+    for i in range(n):
+        tail, digest = bodies.body(f"{tag}-{i}")
+        repo = f"bench/up-{tag}-{i}"
+        script = (
+            f"loc=$(curl -s -o /dev/null -w '%header{{location}}' -X POST {reg.base}/v2/{repo}/blobs/uploads/) "
+            f"&& case $loc in http*) ;; *) loc={reg.base}$loc;; esac "
+            f"&& loc=$(cat {bodies.shared} {tail} | curl -s -o /dev/null -w '%header{{location}}' -X PATCH "
+            f"-H 'Content-Type: application/octet-stream' -T - \"$loc\") "
+            f"&& case $loc in http*) ;; *) loc={reg.base}$loc;; esac "
+            f"&& case $loc in *\\?*) sep='&';; *) sep='?';; esac "
+            f"&& curl -s -o /dev/null -w '%{{http_code}}' -X PUT -H 'Content-Length: 0' \"$loc${{sep}}digest={digest}\"")
+        procs.append((subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True), digest))
+    return procs
+
+
+def wait_uploads(procs, timeout=1800):
+    """Waits for chunked_upload_procs; returns how many answered 201."""
+    t, ok = time.monotonic(), 0
+    try:
+        for p, _ in procs:
+            out, _ = p.communicate(timeout=max(1, timeout - (time.monotonic() - t)))
+            ok += out.strip() == "201"
+    finally:
+        for p, _ in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return ok
+
+
+def concurrent_uploads(reg, bodies, n, tag):
+    """n chunked uploads of bodies.size at once: successes, aggregate MB/s, wall s, peak RSS."""
+    reg.reset_hwm()
+    cpu0 = cpu_seconds(reg.pid)
+    t = time.monotonic()
+    ok = wait_uploads(chunked_upload_procs(reg, bodies, n, tag))
+    wall = time.monotonic() - t
+    return {"ok": ok, "n": n, "mbps": n * bodies.size / wall / 1e6, "seconds": wall, "hwm": reg.hwm(),
+            "cpu_s": cpu_seconds(reg.pid) - cpu0}
+
+
+def mem_available():
+    with open("/proc/meminfo") as f:
+        return int(re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+
+
+def berth_metric(reg, name):
+    """One unlabelled series from berth's /metrics (None if absent)."""
+    with urllib.request.urlopen(reg.metrics_url, timeout=10) as r:
+        m = re.search(rf"^{name} (\S+)$", r.read().decode(), re.M)
+    return float(m.group(1)) if m else None
 
 
 # ------------------------------------------------------------------------------------------
@@ -1154,6 +1247,11 @@ def bench(args, work, stamp):
         log(f"{n} x GET 64MiB {name}: {fmt(R['concurrent'][name]['mbps'])} MB/s aggregate, "
             f"RSS {fmt(R['concurrent'][name]['hwm'], 1, 1 / MiB)} MiB")
 
+    # ---- concurrent chunked uploads, and manifest GET p99 while they run
+    R["uploads"] = upload_load(P, quick, work, berth, dist_s3, lambda: berth_registry(
+        "berth-nobudget", berth_bin, work, garage, "berth", free_port(), "proxy",
+        os.path.join(work, "berth-nobudget", "data"), extra="upload:\n  buffer_budget: 64GiB\n"))
+
     # ---- redirect mode: 307 answers per second (and the redirected download)
     berth.stop()
     berth_r = berth_registry("berth-redirect", berth_bin, work, garage, "berth", berth_port,
@@ -1183,6 +1281,52 @@ def bench(args, work, stamp):
     R["meta"]["other_processes"] = monitor.stop()
     R["targets"] = targets_of(R)
     return R
+
+
+def upload_load(P, quick, work, berth, dist_s3, make_nobudget):
+    """n clients at once, each POST + one chunked PATCH of the whole blob + PUT (what docker and
+    podman send): berth with its default upload.buffer_budget beside distribution on the same
+    Garage, and at 32 a berth with no effective budget (from make_nobudget()), for throughput.
+    Then manifest GET (wrk, 32 connections) on berth idle and while 32 such uploads run."""
+    usize = (16 if quick else 48) * MiB
+    bodies = UploadBodies(work, usize)
+    U = {"bytes": usize, "budget": 256 * MiB, "levels": {}, "manifest_p99": {}}
+    berth_nb = make_nobudget()
+    berth_nb.start()
+    for n in ([32] if quick else [32, 100, 200]):
+        U["levels"][str(n)] = row = {}
+        for reg in ((berth, berth_nb, dist_s3) if n == 32 else (berth, dist_s3)):
+            # distribution holds about a blob per upload (1.5 GiB at 32): only where memory allows
+            if reg is dist_s3 and mem_available() < n * usize * 1.5 + 4 * 1024 * MiB:
+                row[reg.name] = {"skipped": f"MemAvailable {mem_available() / MiB:,.0f} MiB"}
+                log(f"{n} x chunked upload {reg.name}: skipped, not enough memory")
+                continue
+            os.sync()
+            waits0 = berth_metric(reg, "berth_upload_budget_wait_seconds_count") if reg is berth else None
+            row[reg.name] = concurrent_uploads(reg, bodies, n, f"{reg.name}-{n}")
+            if reg is berth:
+                row[reg.name]["waited"] = berth_metric(reg, "berth_upload_budget_wait_seconds_count") - waits0
+            u = row[reg.name]
+            log(f"{n} x chunked upload {reg.name}: {u['ok']}/{n} ok, {u['mbps']:.0f} MB/s, "
+                f"peak RSS {u['hwm'] / MiB:.1f} MiB")
+    berth_nb.stop()
+    # manifest GET p99 (32 connections) on an idle berth and while 32 uploads run, rounds interleaved
+    url, headers = f"{berth.base}/v2/bench/small/manifests/latest", [f"Accept: {OCI_MANIFEST}"]
+    rows = {"idle": [], "uploading": []}
+    for i in range(P["reps"]):
+        rows["idle"].append(wrk(url, P["load_seconds"], headers))
+        procs = chunked_upload_procs(berth, bodies, 32, f"p99-{i}")
+        time.sleep(1.0)  # the uploads under way
+        row = wrk(url, P["load_seconds"], headers)
+        row["uploads_running_at_end"] = sum(p.poll() is None for p, _ in procs)
+        row["uploads_ok"] = wait_uploads(procs)
+        rows["uploading"].append(row)
+    for k, v in rows.items():
+        U["manifest_p99"][k] = _agg(v)
+    log(f"manifest GET p99 idle {fmt(U['manifest_p99']['idle']['p99_ms'], 2)} ms, while 32 uploads run "
+        f"{fmt(U['manifest_p99']['uploading']['p99_ms'], 2)} ms")
+
+    return U
 
 
 def _cpu_model():
@@ -1343,6 +1487,29 @@ def targets_of(R):
     tg = med(R["blob_get"]["big"][b]["mbps"]) / med(R["blob_get"]["64MiB"][b]["mbps"])
     add(f"flat: GET MB/s {R['params']['big_layer'] // MiB} MiB vs 64 MiB (berth)",
         med(R["blob_get"]["big"][b]["mbps"]), "MB/s", ">= 0.9x", tg >= 0.9, tg)
+    U = R.get("uploads")
+    if U:
+        size, limit = U["bytes"] // MiB, (U["budget"] + 64 * MiB) / MiB
+        for n, row in U["levels"].items():
+            u = row[b]
+            add(f"{n} concurrent chunked uploads of {size} MiB: all succeed, berth peak RSS <= budget "
+                f"({U['budget'] // MiB} MiB) + 64 MiB", u["hwm"] / MiB, "MiB", f"<= {limit:.0f} MiB",
+                u["ok"] == u["n"] and u["hwm"] / MiB <= limit,
+                note="" if u["ok"] == u["n"] else f"{u['ok']} of {u['n']} succeeded")
+            d = row.get(ds3, {})
+            if "hwm" in d:
+                add(f"(info) {n} concurrent chunked uploads of {size} MiB: distribution (S3) peak RSS",
+                    d["hwm"] / MiB, "MiB", "(berth's)", u["hwm"] <= d["hwm"], u["hwm"] / d["hwm"],
+                    note="" if d["ok"] == d["n"] else f"{d['ok']} of {d['n']} succeeded", info=True)
+        row = U["levels"].get("32", {})
+        if "berth-nobudget" in row:
+            r = row[b]["mbps"] / row["berth-nobudget"]["mbps"]
+            add(f"32 concurrent chunked uploads of {size} MiB: aggregate throughput with the budget >= 0.9x "
+                "without", row[b]["mbps"], "MB/s", ">= 0.9x", r >= 0.9, r)
+        mp = U["manifest_p99"]
+        idle, busy = med(mp["idle"]["p99_ms"]), med(mp["uploading"]["p99_ms"])
+        add("manifest GET p99 at 32 connections while 32 uploads run <= 2x idle", busy, "ms", "<= 2x",
+            busy <= 2 * idle, busy / idle)
     return T
 
 
@@ -1452,6 +1619,30 @@ def report(R):
         w(f"| {name} | {fmt(s['mbps'])} | {fmt(s['seconds'], 2)} | {fmt(s['hwm'], 1, mib)} | {fmt(s['cpu_s'], 2)} | "
           f"{fmt(s['garage_cpu_s'], 2)} |")
     w("")
+
+    U = R.get("uploads")
+    if U:
+        w(f"## Concurrent chunked uploads of {U['bytes'] // MiB} MiB (POST + one chunked PATCH + PUT, curl)\n")
+        w(f"berth with its default `upload.buffer_budget` ({U['budget'] // MiB} MiB); `berth-nobudget` has a "
+          "64 GiB budget (never binding). Each blob has its own last 64 bytes (its own digest); the rest is "
+          "shared, which Garage stores once.\n")
+        w("| uploads | registry | succeeded | aggregate MB/s | wall s | peak RSS MiB | registry CPU s | waits for budget |")
+        w("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for n, row in U["levels"].items():
+            for name, u in row.items():
+                if "skipped" in u:
+                    w(f"| {n} | {name} | skipped: {u['skipped']} | | | | | |")
+                    continue
+                waited = u.get("waited")
+                w(f"| {n} | {name} | {u['ok']}/{u['n']} | {u['mbps']:,.0f} | {u['seconds']:.1f} | "
+                  f"{u['hwm'] * mib:,.1f} | {u['cpu_s']:.1f} | {'' if waited is None else f'{waited:.0f}'} |")
+        mp = U["manifest_p99"]
+        w("\nmanifest GET on berth, wrk -c32, idle and while 32 such uploads run (rounds interleaved):\n")
+        w("| berth | req/s | p50 ms | p99 ms |")
+        w("| --- | ---: | ---: | ---: |")
+        for k, s_ in mp.items():
+            w(f"| {k} | {fmt(s_['rps'])} | {fmt(s_['p50_ms'], 2)} | {fmt(s_['p99_ms'], 2)} |")
+        w("")
 
     w("## Push and pull of the 3 × 64 MiB image (skopeo)\n")
     w("| phase | registry | wall s | peak RSS MiB | S3 requests | registry CPU s | Garage CPU s | client CPU s |")

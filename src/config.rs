@@ -275,6 +275,8 @@ pub enum BlobServing {
 pub struct UploadConfig {
     pub part_size: u64,
     pub session_expiry: Duration,
+    /// Memory all part buffers together may use; uploads wait for room beyond it.
+    pub buffer_budget: u64,
 }
 
 // ---- the file as written: every scalar is a string or a YAML scalar, resolved below ----
@@ -414,6 +416,7 @@ struct RawMetrics {
 struct RawUpload {
     part_size: Option<serde_yaml::Value>,
     session_expiry: Option<serde_yaml::Value>,
+    buffer_budget: Option<serde_yaml::Value>,
 }
 
 /// Overrides from the command line; they win over the file.
@@ -607,6 +610,15 @@ impl Config {
                 "must be at least 1s",
             ));
         }
+        let buffer_budget = r
+            .size("upload.buffer_budget", u.buffer_budget)?
+            .unwrap_or(256 * 1024 * 1024);
+        if buffer_budget < part_size {
+            return Err(ConfigError::new(
+                "upload.buffer_budget",
+                "must be at least upload.part_size (a part buffer must fit)",
+            ));
+        }
 
         Ok(Config {
             listen,
@@ -616,6 +628,7 @@ impl Config {
             upload: UploadConfig {
                 part_size,
                 session_expiry,
+                buffer_budget,
             },
             log_level,
             shutdown_grace,
@@ -1090,6 +1103,7 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("./data"));
         assert!(c.storage.endpoint.is_none());
         assert_eq!(c.upload.part_size, 8 << 20);
+        assert_eq!(c.upload.buffer_budget, 256 << 20);
         assert_eq!(c.storage.blob_serving, BlobServing::Proxy);
         assert_eq!(c.storage.presign_ttl, Duration::from_secs(900));
         assert!(c.journal.enabled);
@@ -1185,6 +1199,10 @@ mod tests {
         let cases = [
             ("upload:\n  part_size: 1MiB\n", "upload.part_size"),
             ("upload:\n  part_size: lots\n", "upload.part_size"),
+            (
+                "upload:\n  part_size: 16MiB\n  buffer_budget: 8MiB\n",
+                "upload.buffer_budget",
+            ),
             (
                 "storage:\n  blob_serving: teleport\n",
                 "storage.blob_serving",

@@ -49,6 +49,13 @@ pub fn gauge(name: &str, help: &str) -> IntGauge {
     g
 }
 
+fn histogram(name: &str, help: &str) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))
+        .expect("metric");
+    REGISTRY.register(Box::new(h.clone())).expect("register");
+    h
+}
+
 fn histogram_vec(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
     let h = HistogramVec::new(
         HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
@@ -244,8 +251,16 @@ pub struct UploadMetrics {
     pub failed: IntCounter,
     /// Sessions an expiry pass could not discard (retried on the next pass).
     pub expiry_failures: IntCounter,
-    /// Bytes held in part buffers right now (bounded: two parts per upload at most).
+    /// Bytes held in part buffers right now (within `upload.buffer_budget`).
     pub buffered_bytes: IntGauge,
+    /// `upload.buffer_budget`, as configured.
+    pub budget_bytes: IntGauge,
+    /// Budget granted to part buffers right now.
+    pub budget_in_use: IntGauge,
+    /// Uploads waiting for budget right now (not reading their request bodies).
+    pub budget_waiting: IntGauge,
+    /// How long uploads that had to wait for budget waited.
+    pub budget_wait: Histogram,
 }
 
 pub static UPLOADS: LazyLock<UploadMetrics> = LazyLock::new(|| {
@@ -271,6 +286,22 @@ pub static UPLOADS: LazyLock<UploadMetrics> = LazyLock::new(|| {
         buffered_bytes: gauge(
             "berth_upload_buffered_bytes",
             "Upload bytes held in memory in part buffers right now.",
+        ),
+        budget_bytes: gauge(
+            "berth_upload_budget_bytes",
+            "upload.buffer_budget: the memory all part buffers together may use.",
+        ),
+        budget_in_use: gauge(
+            "berth_upload_budget_in_use_bytes",
+            "Budget granted to part buffers right now (a whole part each, given before it fills).",
+        ),
+        budget_waiting: gauge(
+            "berth_upload_budget_waiting",
+            "Uploads waiting for budget right now; they do not read their request bodies meanwhile.",
+        ),
+        budget_wait: histogram(
+            "berth_upload_budget_wait_seconds",
+            "How long uploads that found the budget spent waited for room for a part buffer.",
         ),
     }
 });

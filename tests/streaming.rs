@@ -1071,3 +1071,306 @@ fn object_store_cut_mid_get() {
         "blob differs after the cut"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// upload buffer budget
+
+/// S3's minimum part size, so that a small budget holds few parts.
+const SMALL_PART: u64 = 5 * MIB;
+
+/// berth against `s3` with 5 MiB parts and `budget` for all part buffers together, its ops
+/// listener on a free port, and `extra` YAML. Returns berth and its ops port.
+fn budgeted(s3: &S3Server, budget: u64, extra: &str) -> (Berth, u16) {
+    let ops = free_port();
+    let yaml = format!(
+        "{MEMORY_YAML}upload:\n  part_size: 5MiB\n  buffer_budget: {}KiB\nmetrics:\n  listen: 127.0.0.1:{ops}\n{extra}",
+        budget / KIB
+    );
+    (Berth::start_with(&yaml, Some(s3)), ops)
+}
+
+/// berth's `/metrics`, parsed; None while the ops listener does not answer.
+fn scrape(ops: u16) -> Option<prom::Exposition> {
+    let r = client()
+        .get(format!("http://127.0.0.1:{ops}/metrics"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .ok()?;
+    Some(prom::Exposition::parse(&r.text().ok()?).expect("a valid exposition"))
+}
+
+/// Polls the unlabelled series `name` until `ok` holds (up to 60 s); returns its value.
+#[track_caller]
+fn wait_metric(ops: u16, name: &str, what: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = None;
+    while Instant::now() < deadline {
+        if let Some(v) = scrape(ops).and_then(|m| m.get(name, &[])) {
+            if ok(v) {
+                return v;
+            }
+            last = Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what}: {name} is {last:?} after 60 s");
+}
+
+/// A chunked PATCH over a raw connection, its body written piece by piece by the test, as a
+/// client that can go slow or stall at will.
+struct RawPatch {
+    s: TcpStream,
+}
+
+impl RawPatch {
+    fn open(berth: &Berth, url: &str) -> RawPatch {
+        let path = url
+            .strip_prefix(&berth.url(""))
+            .expect("upload URL on berth");
+        let mut s = TcpStream::connect(("127.0.0.1", berth.port)).unwrap();
+        write!(
+            s,
+            "PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+            berth.port
+        )
+        .unwrap();
+        RawPatch { s }
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        for piece in bytes.chunks(64 * KIB as usize) {
+            write!(self.s, "{:x}\r\n", piece.len())?;
+            self.s.write_all(piece)?;
+            self.s.write_all(b"\r\n")?;
+        }
+        self.s.flush()
+    }
+
+    /// Ends the body; returns the response's status line and headers.
+    fn finish(mut self) -> String {
+        self.s.write_all(b"0\r\n\r\n").unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && self.s.read(&mut byte).unwrap() == 1 {
+            head.push(byte[0]);
+        }
+        String::from_utf8(head).unwrap()
+    }
+}
+
+/// 24 clients push 12 MiB each at once by one chunked PATCH (what docker and podman send)
+/// through a 32 MiB budget of 5 MiB parts. Unbudgeted that is up to 48 part buffers (240 MiB);
+/// with the budget, all complete byte-identical, uploads waited for room, and berth's peak RSS
+/// stays within the budget plus slack.
+#[test]
+fn many_chunked_uploads_share_a_small_budget() {
+    let budget = 32 * MIB;
+    let s3 = S3Server::start();
+    let (berth, ops) = budgeted(&s3, budget, "");
+    let c = client();
+    push_chunked(&c, &berth, "load/warm", 1, 64 * KIB);
+    let start = berth.rss_kib();
+    berth.reset_peak_rss();
+
+    let (n, len) = (24u64, 12 * MIB);
+    let digests: Vec<String> = std::thread::scope(|scope| {
+        let pushes: Vec<_> = (0..n)
+            .map(|i| {
+                let berth = &berth;
+                scope.spawn(move || {
+                    push_chunked(&client(), berth, &format!("load/b{i}"), 100 + i, len)
+                })
+            })
+            .collect();
+        pushes.into_iter().map(|p| p.join().unwrap()).collect()
+    });
+    let peak = berth.peak_rss_kib();
+    let m = scrape(ops).unwrap();
+    let waits = m.histogram("berth_upload_budget_wait_seconds", &[]);
+    eprintln!(
+        "[memory] {n} concurrent chunked PATCHes of {} MiB, budget {} MiB: rss at start {:.1} MiB, peak {:.1} MiB; {} waits for budget, {:.2} s in all",
+        len / MIB,
+        budget / MIB,
+        mib(start),
+        mib(peak),
+        waits.count,
+        waits.sum
+    );
+    for (i, digest) in digests.iter().enumerate() {
+        assert_eq!(*digest, PseudoRandom::digest(100 + i as u64, len));
+        pull_and_check(&c, &berth, &format!("load/b{i}"), digest, len);
+    }
+    assert!(
+        waits.count > 0.0,
+        "no upload ever waited: the test did not load the budget"
+    );
+    assert_eq!(m.value("berth_upload_budget_in_use_bytes", &[]), 0.0);
+    assert_eq!(m.value("berth_upload_budget_waiting", &[]), 0.0);
+    // Slack for what is not a part buffer: the metadata store's page cache (16 MiB; the
+    // pending bytes of every session pass through it), the pending bytes a resuming request
+    // reads back, per-connection buffers of pingora and the S3 client. Without the budget this
+    // load holds up to 240 MiB of part buffers alone.
+    assert!(
+        peak < start + budget / KIB + 40 * 1024,
+        "peak RSS {peak} KiB, start {start} KiB: more than the {} MiB budget + 40 MiB",
+        budget / MIB
+    );
+}
+
+/// A client that trickles its body holds a part buffer's worth of budget for as long as it
+/// takes; the others share the rest of the budget and all finish meanwhile.
+#[test]
+fn slow_client_does_not_hold_others_back() {
+    let s3 = S3Server::start();
+    // Room for three part buffers: the slow client holds one of them throughout.
+    let (berth, ops) = budgeted(&s3, 3 * SMALL_PART, "");
+    let c = client();
+    let slow_url = start_upload(&c, &berth, "load/slow");
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let slow = std::thread::spawn({
+        let mut patch = RawPatch::open(&berth, &slow_url);
+        move || {
+            let mut sent = Sha256::new();
+            let mut data = PseudoRandom::new(0x51, u64::MAX);
+            let mut piece = vec![0u8; 16 * KIB as usize];
+            let deadline = Instant::now() + Duration::from_secs(300);
+            let mut was_released = false;
+            while Instant::now() < deadline {
+                if released.try_recv().is_ok() {
+                    was_released = true;
+                    break;
+                }
+                data.read_exact(&mut piece).unwrap();
+                patch.send(&piece).unwrap();
+                sent.update(&piece);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let head = patch.finish();
+            (
+                was_released,
+                head,
+                format!("sha256:{}", hex::encode(sent.finalize())),
+            )
+        }
+    });
+    wait_metric(
+        ops,
+        "berth_upload_budget_in_use_bytes",
+        "the slow client holds budget",
+        |v| v >= SMALL_PART as f64,
+    );
+
+    let (n, len) = (8u64, 12 * MIB);
+    std::thread::scope(|scope| {
+        for i in 0..n {
+            let berth = &berth;
+            scope.spawn(move || {
+                let digest = push_chunked(&client(), berth, &format!("load/fast{i}"), 200 + i, len);
+                pull_and_check(&client(), berth, &format!("load/fast{i}"), &digest, len);
+            });
+        }
+    });
+    release.send(()).unwrap();
+    let (was_released, head, digest) = slow.join().unwrap();
+    assert!(
+        was_released,
+        "the others took more than 300 s beside the slow client"
+    );
+    assert!(
+        head.starts_with("HTTP/1.1 202"),
+        "slow PATCH answered {head}"
+    );
+    finish(&c, &berth, &slow_url, &digest);
+}
+
+/// A client that stalls while it holds the whole budget is cut by `limits.read_timeout`; its
+/// budget returns, and the upload that was waiting for it completes.
+#[test]
+fn stalled_client_is_cut_and_its_budget_returns() {
+    let s3 = S3Server::start();
+    // Room for one part buffer: while the stalled client holds it, every other upload waits.
+    let (berth, ops) = budgeted(&s3, SMALL_PART, "limits:\n  read_timeout: 3s\n");
+    let c = client();
+    let stalled_url = start_upload(&c, &berth, "load/stalled");
+    let mut stalled = RawPatch::open(&berth, &stalled_url);
+    stalled.send(&random_bytes(7, MIB)).unwrap();
+    wait_metric(
+        ops,
+        "berth_upload_budget_in_use_bytes",
+        "the stalled client holds budget",
+        |v| v == SMALL_PART as f64,
+    );
+
+    let len = 12 * MIB;
+    let digest = std::thread::scope(|scope| {
+        let push = scope.spawn(|| push_chunked(&client(), &berth, "load/waiter", 0x3a17, len));
+        wait_metric(
+            ops,
+            "berth_upload_budget_waiting",
+            "the second upload waits",
+            |v| v >= 1.0,
+        );
+        // read_timeout cuts the stalled client; the waiter gets the budget and finishes.
+        wait_metric(
+            ops,
+            "berth_upload_budget_waiting",
+            "the waiter got the budget",
+            |v| v == 0.0,
+        );
+        push.join().unwrap()
+    });
+    pull_and_check(&c, &berth, "load/waiter", &digest, len);
+    let m = scrape(ops).unwrap();
+    assert_eq!(m.value("berth_upload_budget_in_use_bytes", &[]), 0.0);
+    assert!(m.histogram("berth_upload_budget_wait_seconds", &[]).count >= 1.0);
+    // The cut request committed nothing (its part never filled).
+    drop(stalled);
+    assert_eq!(settled_offset(&c, &berth, &stalled_url), 0);
+}
+
+/// berth is killed (-9) while an upload waits for budget: after the restart the session is at
+/// its last commit and completes byte-exact.
+#[test]
+fn resume_after_kill_of_upload_waiting_for_budget() {
+    let s3 = S3Server::start();
+    let (mut berth, ops) = budgeted(&s3, SMALL_PART, "");
+    let c = client();
+    let data = random_bytes(0xb0d6, 13 * MIB);
+    let digest = sha256_digest(&data);
+    let at = |n: u64| (n * MIB) as usize;
+
+    // Committed: one 5 MiB part and 2 MiB pending.
+    let url = start_upload(&c, &berth, "load/resume");
+    let url = patch_bytes(&c, &berth, &url, 0, data[..at(7)].to_vec());
+    // Another client takes the whole budget and stalls.
+    let holder_url = start_upload(&c, &berth, "load/holder");
+    let mut holder = RawPatch::open(&berth, &holder_url);
+    holder.send(&random_bytes(8, MIB)).unwrap();
+    wait_metric(
+        ops,
+        "berth_upload_budget_in_use_bytes",
+        "the holder has the budget",
+        |v| v == SMALL_PART as f64,
+    );
+    // The session's next PATCH waits for room (its pending bytes start a part buffer).
+    let mut waiting = RawPatch::open(&berth, &url);
+    waiting
+        .send(&data[at(7)..at(7) + 256 * KIB as usize])
+        .unwrap();
+    wait_metric(
+        ops,
+        "berth_upload_budget_waiting",
+        "the PATCH waits for budget",
+        |v| v == 1.0,
+    );
+
+    berth.restart();
+    drop((holder, waiting));
+    assert_eq!(upload_offset(&c, &berth, &url), 7 * MIB);
+    let url = patch_bytes(&c, &berth, &url, 7 * MIB, data[at(7)..].to_vec());
+    finish(&c, &berth, &url, &digest);
+    assert!(
+        get_bytes(&c, &berth, "load/resume", &digest) == data,
+        "blob differs after resume"
+    );
+}

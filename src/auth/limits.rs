@@ -1,8 +1,8 @@
 //! `limits`: bounds against abuse, with clear errors.
 //!
 //! - `max_concurrent_uploads`: requests streaming upload bytes at once (PATCH, PUT with the
-//!   final chunk, monolithic POST). Each holds up to two part buffers, so this bounds memory.
-//!   Over it: 429 TOOMANYREQUESTS with Retry-After.
+//!   final chunk, monolithic POST). Over it: 429 TOOMANYREQUESTS with Retry-After. (Memory is
+//!   bounded by `upload.buffer_budget` whatever this says.)
 //! - `max_blob_size`: checked against Content-Length (plus what the session already holds)
 //!   before any byte is read, and counted while the body streams: 413 SIZE_INVALID.
 //! - `max_header_bytes`: request line + headers: 431.

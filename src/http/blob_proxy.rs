@@ -15,6 +15,7 @@ use super::response::{header, set};
 use crate::meta::BlobRecord;
 use crate::metrics::BLOBS;
 use crate::registry::names::Digest;
+use crate::registry::pacing::Pacer;
 use crate::registry::{RegistryError, RegistryResult};
 use crate::storage::ObjectStore;
 
@@ -75,6 +76,7 @@ pub async fn stream_blob(
         return Ok(());
     }
 
+    let mut pacer = Pacer::default();
     loop {
         let chunk = match tokio::time::timeout(READ_TIMEOUT, object.chunk()).await {
             Ok(Ok(Some(chunk))) => chunk,
@@ -96,6 +98,7 @@ pub async fn stream_blob(
             return Ok(());
         }
         BLOBS.bytes_sent.inc_by(len);
+        pacer.moved(len as usize).await;
     }
     if let Err(e) = s.write_response_body(None, true).await {
         log::debug!("blob GET: finishing the response: {e}");

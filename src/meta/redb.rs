@@ -286,13 +286,16 @@ fn missing_reference(
 
 /// Opens (creating if need be) the database file and every table.
 fn open_database(path: &Path) -> MetaResult<Database> {
-    let db = Database::create(path).map_err(|e| match e {
-        ::redb::DatabaseError::DatabaseAlreadyOpen => MetaError::Failed(format!(
-            "{} is in use by another process (another berth on this data directory?)",
-            path.display()
-        )),
-        e => ctx("open")(e).context(path.display()),
-    })?;
+    let db = Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)
+        .map_err(|e| match e {
+            ::redb::DatabaseError::DatabaseAlreadyOpen => MetaError::Failed(format!(
+                "{} is in use by another process (another berth on this data directory?)",
+                path.display()
+            )),
+            e => ctx("open")(e).context(path.display()),
+        })?;
     let txn = db.begin_write().map_err(ctx("create tables"))?;
     wtable(&txn, BLOBS)?;
     wtable(&txn, REPO_BLOBS)?;
@@ -314,6 +317,12 @@ fn open_database(path: &Path) -> MetaResult<Database> {
     txn.commit().map_err(ctx("create tables"))?;
     Ok(db)
 }
+
+/// redb's page cache. Its default (1 GiB) fills with the pending bytes of upload sessions
+/// (up to a part each, written at the end of every chunked PATCH and read back by the next
+/// request), so memory would grow with the number of uploads past `upload.buffer_budget`.
+/// Metadata proper is small; pages outside the cache are read from the file (the OS page cache).
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 impl RedbStore {
     /// Creates or opens the database file at `path` (its directory must exist), creates any

@@ -4,10 +4,12 @@
 //! bytes only). The HTTP layer parses a request into an endpoint, calls one method here, and
 //! writes the result.
 
+pub mod budget;
 pub mod error;
 pub mod hasher;
 pub mod manifest;
 pub mod names;
+pub mod pacing;
 pub mod upload;
 
 use std::sync::Arc;
@@ -39,6 +41,7 @@ pub struct RegistrySettings {
     pub blob_serving: BlobServing,
     pub presign_ttl: Duration,
     pub session_expiry: Duration,
+    pub buffer_budget: u64,
 }
 
 impl RegistrySettings {
@@ -48,6 +51,7 @@ impl RegistrySettings {
             blob_serving: c.storage.blob_serving,
             presign_ttl: c.storage.presign_ttl,
             session_expiry: c.upload.session_expiry,
+            buffer_budget: c.upload.buffer_budget,
         }
     }
 }
@@ -60,6 +64,8 @@ pub struct Registry {
     pub mirrors: crate::mirror::Mirrors,
     /// Upload sessions a request is writing right now (one writer per session).
     busy_uploads: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Memory for part buffers, shared by all uploads.
+    budget: budget::UploadBudget,
 }
 
 /// How to serve a blob GET.
@@ -79,6 +85,7 @@ impl Registry {
         Registry {
             meta,
             store,
+            budget: budget::UploadBudget::new(settings.buffer_budget),
             settings,
             mirrors: Default::default(),
             busy_uploads: Default::default(),

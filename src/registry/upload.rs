@@ -5,7 +5,8 @@
 //! (`k * part_size`), so every non-final part has the same size (R2 requires it) and a part's
 //! number follows from its offset. A part whose start is at a boundary and whose bytes are all
 //! announced by Content-Length streams straight into UploadPart; otherwise bytes gather in a
-//! part buffer, at most two parts in memory per upload (one filling, one uploading). Bytes of
+//! part buffer, at most two parts in memory per upload (one filling, one uploading), and all
+//! part buffers together within the upload buffer budget ([`super::budget`]). Bytes of
 //! an incomplete part outlive the request as the session's pending bytes in the metadata store,
 //! together with the sha256 state, so any berth process can continue the session.
 //!
@@ -16,8 +17,10 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::budget::BudgetGrant;
 use super::hasher::BlobHasher;
 use super::names::Digest;
+use super::pacing::Pacer;
 use super::{unix_now, BodySource, Registry, RegistryError, RegistryResult};
 use crate::config::MAX_PARTS;
 use crate::meta::{BlobRecord, Linked, Part, PendingChange, UploadSession};
@@ -76,7 +79,7 @@ impl Registry {
             }
         }
         let appended = async {
-            let mut w = PartWriter::resume(self, session).await?;
+            let mut w = PartWriter::resume(self, session, content_length).await?;
             w.write_body(body, content_length).await?;
             w.commit_tail().await?;
             Ok(std::mem::take(&mut w.session))
@@ -130,7 +133,7 @@ impl Registry {
             }
             _ => {
                 async {
-                    let mut w = PartWriter::resume(self, session).await?;
+                    let mut w = PartWriter::resume(self, session, content_length).await?;
                     if content_length != Some(0) {
                         w.write_body(body, content_length).await?;
                     }
@@ -301,8 +304,10 @@ impl Registry {
         });
         let mut hasher = BlobHasher::new();
         let mut n = 0u64;
+        let mut pacer = Pacer::default();
         let read = async {
             while let Some(chunk) = body.next_chunk().await.map_err(client_gone)? {
+                pacer.moved(chunk.len()).await;
                 BLOBS.bytes_received.inc_by(chunk.len() as u64);
                 n += chunk.len() as u64;
                 if n > len {
@@ -449,6 +454,8 @@ struct PartWriter<'a> {
     received: u64,
     /// Bytes of the current part not yet uploaded (starts with the stored pending bytes).
     buf: BytesMut,
+    /// The budget for `buf`'s memory; None while there is no part buffer.
+    grant: Option<BudgetGrant>,
     /// `buf[fresh_from..]` is not in the store's pending bytes yet.
     fresh_from: usize,
     /// The store holds pending bytes that are now part of `buf`.
@@ -467,13 +474,25 @@ impl Drop for PartWriter<'_> {
 }
 
 impl<'a> PartWriter<'a> {
-    async fn resume(reg: &'a Registry, session: UploadSession) -> RegistryResult<PartWriter<'a>> {
+    /// `content_length`: of the request about to be written, if known (sizes the part buffer
+    /// that the session's pending bytes start).
+    async fn resume(
+        reg: &'a Registry,
+        session: UploadSession,
+        content_length: Option<u64>,
+    ) -> RegistryResult<PartWriter<'a>> {
         let hasher = BlobHasher::resume(&session.hasher)
             .ok_or_else(|| RegistryError::Internal("unreadable hasher state".into()))?;
         let in_parts: u64 = session.parts.iter().map(|p| p.size).sum();
         let pending_len = session.offset - in_parts;
+        let part_size = reg.settings.part_size;
         let mut buf = BytesMut::new();
+        let mut grant = None;
         if pending_len > 0 {
+            // Room for the whole part first (see budget.rs), then the stored bytes.
+            let want = content_length.map_or(part_size, |n| (pending_len + n).min(part_size));
+            grant = Some(reg.budget.acquire(want).await);
+            buf.reserve(want as usize);
             let pending = reg.meta.pending(&session.id).await?;
             if pending.len() as u64 != pending_len {
                 return Err(RegistryError::Internal(format!(
@@ -487,11 +506,12 @@ impl<'a> PartWriter<'a> {
         }
         Ok(PartWriter {
             reg,
-            part_size: reg.settings.part_size,
+            part_size,
             received: session.offset,
             fresh_from: buf.len(),
             pending_stored: pending_len > 0,
             buf,
+            grant,
             hasher,
             session,
             in_flight: None,
@@ -524,7 +544,9 @@ impl<'a> PartWriter<'a> {
         content_length: Option<u64>,
     ) -> RegistryResult<()> {
         let mut remaining = content_length;
+        let mut pacer = Pacer::default();
         while let Some(mut chunk) = body.next_chunk().await.map_err(client_gone)? {
+            pacer.moved(chunk.len()).await;
             BLOBS.bytes_received.inc_by(chunk.len() as u64);
             if let Some(r) = remaining.as_mut() {
                 *r = r.checked_sub(chunk.len() as u64).ok_or_else(|| {
@@ -558,11 +580,14 @@ impl<'a> PartWriter<'a> {
                     }
                     continue;
                 }
-                if self.buf.capacity() == 0 {
+                if self.grant.is_none() {
+                    // A new part buffer: its whole size is granted before it starts filling,
+                    // and meanwhile the body is not read.
                     let want = match remaining {
                         Some(r) => (chunk.len() as u64 + r).min(self.part_size),
                         None => self.part_size,
                     };
+                    self.grant = Some(self.reg.budget.acquire(want).await);
                     self.buf.reserve(want as usize);
                     self.report_buffered();
                 }
@@ -572,9 +597,10 @@ impl<'a> PartWriter<'a> {
                 self.buf.extend_from_slice(&piece);
                 self.received += piece.len() as u64;
                 if self.buf.len() as u64 == self.part_size {
-                    let part = self.buf.split().freeze();
+                    let part = std::mem::take(&mut self.buf).freeze();
+                    let grant = self.grant.take().expect("a filling buffer has its grant");
                     self.fresh_from = 0;
-                    self.start_buffered_part(part).await?;
+                    self.start_buffered_part(part, grant).await?;
                 }
             }
         }
@@ -614,7 +640,8 @@ impl<'a> PartWriter<'a> {
         Ok(id)
     }
 
-    async fn start_buffered_part(&mut self, part: Bytes) -> RegistryResult<()> {
+    /// Uploads a full part buffer; its grant ends with the upload, when the bytes are freed.
+    async fn start_buffered_part(&mut self, part: Bytes, grant: BudgetGrant) -> RegistryResult<()> {
         self.settle_in_flight().await?;
         let size = part.len() as u64;
         let number = self.next_part_number(size)?;
@@ -622,9 +649,11 @@ impl<'a> PartWriter<'a> {
         let store = self.reg.store.clone();
         let key = self.session.key.clone();
         let handle = tokio::spawn(async move {
-            store
+            let stored = store
                 .upload_part(&key, &upload_id, number, ObjectBody::Bytes(part))
-                .await
+                .await;
+            drop(grant);
+            stored
         });
         self.in_flight = Some(InFlight {
             handle,
