@@ -89,7 +89,11 @@ impl Registry {
                 body.len()
             )));
         }
-        let digest = Digest::sha256_of(&body);
+        // Pushed by digest: that digest's algorithm; by tag: sha256.
+        let digest = match reference {
+            Reference::Digest(d) => Digest::of(d.algorithm(), &body),
+            Reference::Tag(_) => Digest::sha256_of(&body),
+        };
         if let Reference::Digest(d) = reference {
             if d != &digest {
                 return Err(RegistryError::DigestInvalid(format!(

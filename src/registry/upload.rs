@@ -40,7 +40,7 @@ impl Registry {
             multipart_id: None,
             parts: Vec::new(),
             offset: 0,
-            hasher: BlobHasher::new().save(),
+            hasher: BlobHasher::default().save(),
             created: now,
             updated: now,
         };
@@ -268,7 +268,7 @@ impl Registry {
     ) -> RegistryResult<()> {
         // Already stored: verify the client really has these bytes, but don't store them again.
         if let Some(existing) = self.meta.blob(digest).await? {
-            let mut hasher = BlobHasher::new();
+            let mut hasher = BlobHasher::new(digest.algorithm());
             let mut n = 0u64;
             while let Some(chunk) = body.next_chunk().await.map_err(client_gone)? {
                 BLOBS.bytes_received.inc_by(chunk.len() as u64);
@@ -295,7 +295,7 @@ impl Registry {
                 .put_object(&key, ObjectBody::Stream { len, chunks: rx })
                 .await
         });
-        let mut hasher = BlobHasher::new();
+        let mut hasher = BlobHasher::new(digest.algorithm());
         let mut n = 0u64;
         let read = async {
             while let Some(chunk) = body.next_chunk().await.map_err(client_gone)? {
@@ -355,6 +355,22 @@ impl Registry {
                 Ok(())
             }
         }
+    }
+
+    /// Reads the object at `key` back and checks that its bytes have `digest`.
+    async fn verify_stored(&self, key: &str, digest: &Digest) -> RegistryResult<()> {
+        let mut stream = self.store.get_stream(key, None).await?;
+        if stream.status() != 200 {
+            return Err(RegistryError::Internal(format!(
+                "reading {key} back to verify it: HTTP {}",
+                stream.status()
+            )));
+        }
+        let mut hasher = BlobHasher::new(digest.algorithm());
+        while let Some(chunk) = stream.chunk().await? {
+            hasher.update(&chunk);
+        }
+        check_digest(&hasher, digest)
     }
 
     fn claim_upload(&self, id: &str) -> RegistryResult<UploadClaim<'_>> {
@@ -708,12 +724,21 @@ impl<'a> PartWriter<'a> {
 
     /// PUT ?digest=: the buffered bytes are the last part; verify, complete, link.
     async fn finish(mut self, digest: &Digest) -> RegistryResult<()> {
-        if let Err(e) = check_digest(&self.hasher, digest) {
-            self.reg.discard_session(&self.session).await?;
-            return Err(e);
+        // Sessions hash sha256 as bytes arrive: the algorithm is only known now. Another one
+        // is verified by reading the stored bytes back once, before they are linked.
+        let hashed = self.hasher.algorithm() == digest.algorithm();
+        if hashed {
+            if let Err(e) = check_digest(&self.hasher, digest) {
+                self.reg.discard_session(&self.session).await?;
+                return Err(e);
+            }
         }
         let key = self.session.key.clone();
-        if let Some(existing) = self.reg.meta.blob(digest).await? {
+        let existing = match hashed {
+            true => self.reg.meta.blob(digest).await?,
+            false => None,
+        };
+        if let Some(existing) = existing {
             // The bytes are already stored (a re-push): link those and drop this copy before
             // it is ever completed, rather than writing it and deleting it again.
             if let Some(upload_id) = &self.session.multipart_id {
@@ -755,6 +780,16 @@ impl<'a> PartWriter<'a> {
                     .store
                     .complete_multipart(&key, &upload_id, &parts)
                     .await?;
+            }
+        }
+        if !hashed {
+            if let Err(e) = self.reg.verify_stored(&key, digest).await {
+                // Never leave bytes where they could be served under a digest they don't have.
+                let _ = self.reg.store.delete_object(&key).await;
+                if matches!(e, RegistryError::DigestInvalid(_)) {
+                    self.reg.meta.delete_upload(&self.session.id).await?;
+                }
+                return Err(e);
             }
         }
         self.reg
