@@ -77,7 +77,11 @@ impl Parsed {
                 body.len()
             )));
         }
-        let digest = Digest::sha256_of(&body);
+        // Pushed by digest: that digest's algorithm; by tag: sha256.
+        let digest = match expected {
+            Some(d) => Digest::of(d.algorithm(), &body),
+            None => Digest::sha256_of(&body),
+        };
         if let Some(d) = expected {
             if d != &digest {
                 return Err(RegistryError::DigestInvalid(format!(

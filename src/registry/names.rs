@@ -2,36 +2,77 @@
 
 use std::fmt;
 
-/// A content digest `algorithm:hex`. Only `sha256` is accepted: it is what every client sends,
-/// and what berth can verify while bytes stream past.
+/// The digest algorithms berth verifies while bytes stream past (the OCI spec's registered
+/// ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    Sha256,
+    Sha512,
+}
+
+impl Algorithm {
+    fn prefix(self) -> &'static str {
+        match self {
+            Algorithm::Sha256 => "sha256:",
+            Algorithm::Sha512 => "sha512:",
+        }
+    }
+
+    /// Hex digits of an encoded digest.
+    fn hex_len(self) -> usize {
+        match self {
+            Algorithm::Sha256 => 64,
+            Algorithm::Sha512 => 128,
+        }
+    }
+}
+
+/// A content digest `algorithm:hex`, `sha256` or `sha512`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest(String);
 
 impl Digest {
     pub fn parse(s: &str) -> Option<Digest> {
-        let hex = s.strip_prefix("sha256:")?;
-        if hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            Some(Digest(s.to_string()))
-        } else {
-            None
-        }
+        let algorithm = [Algorithm::Sha256, Algorithm::Sha512]
+            .into_iter()
+            .find(|a| s.starts_with(a.prefix()))?;
+        let hex = &s[algorithm.prefix().len()..];
+        let valid = hex.len() == algorithm.hex_len()
+            && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        valid.then(|| Digest(s.to_string()))
+    }
+
+    /// The sha256 digest of bytes already in hand.
+    pub fn sha256_of(bytes: &[u8]) -> Digest {
+        Digest::of(Algorithm::Sha256, bytes)
     }
 
     /// The digest of bytes already in hand (manifests).
-    pub fn sha256_of(bytes: &[u8]) -> Digest {
-        use sha2::{Digest as _, Sha256};
-        Digest::from_sha256(&Sha256::digest(bytes))
+    pub fn of(algorithm: Algorithm, bytes: &[u8]) -> Digest {
+        use sha2::{Digest as _, Sha256, Sha512};
+        match algorithm {
+            Algorithm::Sha256 => Digest::from_raw(algorithm, &Sha256::digest(bytes)),
+            Algorithm::Sha512 => Digest::from_raw(algorithm, &Sha512::digest(bytes)),
+        }
     }
 
-    pub fn from_sha256(raw: &[u8]) -> Digest {
-        Digest(format!("sha256:{}", hex::encode(raw)))
+    pub fn from_raw(algorithm: Algorithm, raw: &[u8]) -> Digest {
+        Digest(format!("{}{}", algorithm.prefix(), hex::encode(raw)))
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        if self.0.starts_with(Algorithm::Sha512.prefix()) {
+            Algorithm::Sha512
+        } else {
+            Algorithm::Sha256
+        }
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
     }
 
-    /// The hex part, without the algorithm.
+    /// The hex part, without the algorithm (both prefixes are 7 bytes).
     pub fn hex(&self) -> &str {
         &self.0[7..]
     }
@@ -180,10 +221,23 @@ mod tests {
             format!("sha256:{}", "AB".repeat(32)),
             format!("sha256:{}", "ab".repeat(31)),
             format!("md5:{}", "ab".repeat(32)),
+            format!("sha512:{}", "ab".repeat(32)),
+            format!("sha512:{}", "AB".repeat(64)),
+            format!("sha256:{}", "ab".repeat(64)),
             "ab".repeat(32),
         ] {
             assert!(Digest::parse(&bad).is_none(), "{bad}");
         }
+        let long = format!("sha512:{}", "cd".repeat(64));
+        let d = Digest::parse(&long).unwrap();
+        assert_eq!(
+            (d.algorithm(), d.hex()),
+            (Algorithm::Sha512, &"cd".repeat(64)[..])
+        );
+        assert_eq!(
+            Digest::of(Algorithm::Sha512, b"").as_str(),
+            "sha512:cf83e1357eefb8bdf1542850d66d8007d620e4050b5715dc83f4a921d36ce9ce47d0d13c5d85f2b0ff8318d2877eec2f63b931bd47417a81a538327af927da3e"
+        );
         assert_eq!(
             Digest::sha256_of(b"").as_str(),
             "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"

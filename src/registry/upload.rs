@@ -43,7 +43,7 @@ impl Registry {
             multipart_id: None,
             parts: Vec::new(),
             offset: 0,
-            hasher: BlobHasher::new().save(),
+            hasher: BlobHasher::default().save(),
             created: now,
             updated: now,
         };
@@ -271,7 +271,7 @@ impl Registry {
     ) -> RegistryResult<()> {
         // Already stored: verify the client really has these bytes, but don't store them again.
         if self.meta.blob(digest).await?.is_some() {
-            let mut hasher = BlobHasher::new();
+            let mut hasher = BlobHasher::new(digest.algorithm());
             let mut n = 0u64;
             while let Some(chunk) = body.next_chunk().await.map_err(client_gone)? {
                 BLOBS.bytes_received.inc_by(chunk.len() as u64);
@@ -302,7 +302,7 @@ impl Registry {
                 .put_object(&key, ObjectBody::Stream { len, chunks: rx })
                 .await
         });
-        let mut hasher = BlobHasher::new();
+        let mut hasher = BlobHasher::new(digest.algorithm());
         let mut n = 0u64;
         let mut pacer = Pacer::default();
         let read = async {
@@ -386,6 +386,22 @@ impl Registry {
                 Ok(())
             }
         }
+    }
+
+    /// Reads the object at `key` back and checks that its bytes have `digest`.
+    async fn verify_stored(&self, key: &str, digest: &Digest) -> RegistryResult<()> {
+        let mut stream = self.store.get_stream(key, None).await?;
+        if stream.status() != 200 {
+            return Err(RegistryError::Internal(format!(
+                "reading {key} back to verify it: HTTP {}",
+                stream.status()
+            )));
+        }
+        let mut hasher = BlobHasher::new(digest.algorithm());
+        while let Some(chunk) = stream.chunk().await? {
+            hasher.update(&chunk);
+        }
+        check_digest(&hasher, digest)
     }
 
     fn claim_upload(&self, id: &str) -> RegistryResult<UploadClaim<'_>> {
@@ -763,15 +779,22 @@ impl<'a> PartWriter<'a> {
 
     /// PUT ?digest=: the buffered bytes are the last part; verify, complete, link.
     async fn finish(mut self, digest: &Digest) -> RegistryResult<()> {
-        if let Err(e) = check_digest(&self.hasher, digest) {
-            self.reg.discard_session(&self.session).await?;
-            return Err(e);
+        // Sessions hash sha256 as bytes arrive: the algorithm is only known now. Another one
+        // is verified by reading the stored bytes back once, before they are linked.
+        let hashed = self.hasher.algorithm() == digest.algorithm();
+        if hashed {
+            if let Err(e) = check_digest(&self.hasher, digest) {
+                self.reg.discard_session(&self.session).await?;
+                return Err(e);
+            }
         }
         let key = self.session.key.clone();
         // The bytes are already stored (a re-push): link those and drop this copy before it is
         // ever completed, rather than writing it and deleting it again. If they were collected
-        // in between, this copy is completed as a new blob below.
-        if self.reg.meta.blob(digest).await?.is_some()
+        // in between, this copy is completed as a new blob below. (Not for a digest hashed
+        // only after the upload: these bytes are unverified until read back.)
+        if hashed
+            && self.reg.meta.blob(digest).await?.is_some()
             && self.reg.link_existing(&self.session, digest).await?
         {
             if let Some(upload_id) = &self.session.multipart_id {
@@ -787,10 +810,14 @@ impl<'a> PartWriter<'a> {
             None => {
                 // Smaller than one part: a single PutObject. The bytes are in memory and
                 // verified, so they go to their digest's key, which is itself the bucket's
-                // record of the blob (no journal record needed).
-                if let Some(verified) = self.reg.store.verified_blob_key(digest, &self.session.repo)
-                {
-                    key = verified;
+                // record of the blob (no journal record needed). Unverified ones (a digest
+                // hashed only after the upload) keep the session's key.
+                if hashed {
+                    if let Some(verified) =
+                        self.reg.store.verified_blob_key(digest, &self.session.repo)
+                    {
+                        key = verified;
+                    }
                 }
                 self.reg
                     .store
@@ -818,6 +845,16 @@ impl<'a> PartWriter<'a> {
                     .store
                     .complete_multipart(&key, &upload_id, &parts)
                     .await?;
+            }
+        }
+        if !hashed {
+            if let Err(e) = self.reg.verify_stored(&key, digest).await {
+                // Never leave bytes where they could be served under a digest they don't have.
+                let _ = self.reg.store.delete_object(&key).await;
+                if matches!(e, RegistryError::DigestInvalid(_)) {
+                    self.reg.meta.delete_upload(&self.session.id).await?;
+                }
+                return Err(e);
             }
         }
         self.reg
