@@ -146,6 +146,12 @@ impl Berth {
         Self::start_full(extra_yaml, s3, env, None)
     }
 
+    /// A berth against `s3` that is not started yet (e.g. to run `berth recover` first; then
+    /// [`Berth::start_again`]).
+    pub fn stopped_with(extra_yaml: &str, s3: Option<&S3Server>) -> Berth {
+        Self::prepare(extra_yaml, s3, &[], None)
+    }
+
     /// berth serving TLS (`extra_yaml` has the `tls:` section); `tls` is how to reach it.
     pub fn start_tls(extra_yaml: &str, tls: TlsClient) -> Berth {
         Self::start_full(extra_yaml, None, &[], Some(tls))
