@@ -71,6 +71,16 @@ impl S3Server {
         )
     }
 
+    /// Files of blob objects (under `berth/blobs/`; not the journal's records).
+    pub fn blob_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        walk(
+            &self.root.path().join(S3_BUCKET).join("berth").join("blobs"),
+            &mut out,
+        );
+        out
+    }
+
     /// Files under the bucket (objects), for asserting what was stored.
     pub fn object_files(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
