@@ -2589,7 +2589,12 @@ fn metadata_never_touches_the_object_store() {
     let d1 = reg.push_blob("s3/img", &l1);
     let d2 = reg.push_blob("s3/img", &l2);
     let after_blobs = s3.request_count();
-    assert_eq!(after_blobs - before, 3, "one PutObject per small blob");
+    // Each: one PutObject of the bytes, one bucket journal record of the blob's link.
+    assert_eq!(
+        after_blobs - before,
+        6,
+        "one PutObject and one record per small blob"
+    );
 
     let body = image_manifest(
         OCI_MANIFEST,
@@ -2604,9 +2609,10 @@ fn metadata_never_touches_the_object_store() {
     );
     assert_eq!(
         s3.request_count(),
-        after_blobs,
-        "a manifest PUT is metadata only"
+        after_blobs + 1,
+        "a manifest PUT writes one journal record"
     );
+    let after_manifest = s3.request_count();
 
     let r = reg.get("/v2/s3/img/manifests/v1");
     assert_eq!(r.status(), 200);
@@ -2632,7 +2638,13 @@ fn metadata_never_touches_the_object_store() {
         reg.get(&format!("/v2/s3/img/referrers/{digest}")).status(),
         200
     );
-    // Mounting, tagging and deleting a tag are metadata too; so is an empty upload session.
+    assert_eq!(
+        s3.request_count(),
+        after_manifest,
+        "reads reached the object store"
+    );
+    // Mounting, tagging and deleting a tag each write one journal record; an upload session
+    // none.
     let r = reg
         .c
         .post(reg.url(&format!(
@@ -2652,8 +2664,8 @@ fn metadata_never_touches_the_object_store() {
     assert_eq!(reg.delete(&loc).status(), 204);
     assert_eq!(
         s3.request_count(),
-        after_blobs,
-        "metadata requests reached the object store"
+        after_manifest + 3,
+        "one journal record per mount, tag and tag delete"
     );
 
     // Bytes the registry already stores, pushed to another repository: verified, linked, not
@@ -2661,13 +2673,13 @@ fn metadata_never_touches_the_object_store() {
     reg.push_blob("s3/other", &l2);
     assert_eq!(
         s3.request_count(),
-        after_blobs,
-        "an already stored blob was stored again"
+        after_manifest + 4,
+        "an already stored blob was stored again (one journal record for its link)"
     );
 
     // A blob GET is one proxied request.
     reg.assert_blob("s3/img", &d1, &l1);
-    assert_eq!(s3.request_count(), after_blobs + 1);
+    assert_eq!(s3.request_count(), after_manifest + 5);
 }
 
 #[test]
@@ -2676,7 +2688,7 @@ fn objects_in_the_bucket() {
     let reg = Reg::against(&s3);
     let blob_dir = s3.root.path().join(S3_BUCKET).join("berth").join("blobs");
     let files =
-        |s3: &S3Server| -> BTreeSet<std::path::PathBuf> { s3.object_files().into_iter().collect() };
+        |s3: &S3Server| -> BTreeSet<std::path::PathBuf> { s3.blob_files().into_iter().collect() };
     assert!(files(&s3).is_empty(), "{:?}", files(&s3));
 
     // A monolithic upload: one object, under the prefix, holding the bytes.
@@ -3002,7 +3014,7 @@ fn blob_missing_from_the_bucket_is_blob_unknown() {
     let s3 = S3Server::start();
     let reg = Reg::against(&s3);
     let digest = reg.push_blob("gone/repo", b"soon gone");
-    let files = s3.object_files();
+    let files = s3.blob_files();
     assert_eq!(files.len(), 1);
     std::fs::remove_file(&files[0]).unwrap();
     let r = reg.get(&format!("/v2/gone/repo/blobs/{digest}"));
@@ -3195,15 +3207,15 @@ fn truncated_upload_body_stores_nothing() {
         );
         expect_head_error(reg.head(&format!("/v2/trunc/repo/blobs/{digest}")), 404);
         assert!(
-            s3.object_files().is_empty(),
+            s3.blob_files().is_empty(),
             "{method}: {:?}",
-            s3.object_files()
+            s3.blob_files()
         );
     }
     // The whole body then goes in.
     reg.push_blob("trunc/repo", &data);
     reg.assert_blob("trunc/repo", &digest, &data);
-    assert_eq!(s3.object_files().len(), 1);
+    assert_eq!(s3.blob_files().len(), 1);
 }
 
 fn sha512_digest(bytes: &[u8]) -> String {

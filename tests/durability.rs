@@ -730,9 +730,7 @@ fn rebuild_of_1000_images() {
     );
     eprintln!("wrote {n} objects in {:.1?}", started.elapsed());
 
-    let mut b = Berth::start_with("", Some(&s3));
-    b.kill();
-    std::fs::remove_file(b.data_path().join("meta.redb")).unwrap();
+    let mut b = Berth::stopped_with("", Some(&s3));
     let started = std::time::Instant::now();
     let (status, out) = b.recover();
     let took = started.elapsed();

@@ -607,7 +607,9 @@ fn push_and_pull_move_every_metric_exactly() {
 
     // Object-store operations, exactly (HeadBucket is the readiness probe's, every 2 s).
     for (op, n) in [
-        ("PutObject", 2.0),
+        // The config's and the failed upload's bytes, and three bucket journal records: the
+        // layer's link, the config's link, the manifest.
+        ("PutObject", 5.0),
         ("DeleteObject", 1.0),
         ("CreateMultipartUpload", 2.0),
         ("UploadPart", 3.0),

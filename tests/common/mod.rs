@@ -72,6 +72,16 @@ impl S3Server {
         )
     }
 
+    /// Files of blob objects (under `berth/blobs/`; not the journal's records).
+    pub fn blob_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        walk(
+            &self.root.path().join(S3_BUCKET).join("berth").join("blobs"),
+            &mut out,
+        );
+        out
+    }
+
     /// Files under the bucket (objects), for asserting what was stored.
     pub fn object_files(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
@@ -145,6 +155,12 @@ impl Berth {
     /// (e.g. glibc malloc tunables for memory measurements).
     pub fn start_with_env(extra_yaml: &str, s3: Option<&S3Server>, env: &[(&str, &str)]) -> Berth {
         Self::start_full(extra_yaml, s3, env, None)
+    }
+
+    /// A berth against `s3` that is not started yet (e.g. to run `berth recover` first; then
+    /// [`Berth::start_again`]).
+    pub fn stopped_with(extra_yaml: &str, s3: Option<&S3Server>) -> Berth {
+        Self::prepare(extra_yaml, s3, &[], None)
     }
 
     /// berth serving TLS (`extra_yaml` has the `tls:` section); `tls` is how to reach it.
