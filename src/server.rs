@@ -162,6 +162,23 @@ async fn bring_up_to_date(
         concurrency: config.journal.rebuild_concurrency,
         progress: &LogProgress,
     };
+    meta.set_replaying(true);
+    let caught_up = catch_up(meta, &replayer, store, config).await;
+    meta.set_replaying(false);
+    caught_up?;
+    // Nothing of this process is in flight before the server starts: every record so far is
+    // applied. (Records other nodes are still committing are within CATCH_UP_MARGIN.)
+    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    meta.set_journal_watermark(&now).await?;
+    Ok(())
+}
+
+async fn catch_up(
+    meta: &RedbStore,
+    replayer: &Replayer<'_>,
+    store: &ObjectStore,
+    config: &Config,
+) -> Result<(), StartError> {
     match meta.journal_watermark().await? {
         Some(watermark) => {
             let stats = replayer.catch_up(Some(&watermark)).await?;
@@ -188,10 +205,6 @@ async fn bring_up_to_date(
         }
         None => {}
     }
-    // Nothing of this process is in flight before the server starts: every record so far is
-    // applied. (Records other nodes are still committing are within CATCH_UP_MARGIN.)
-    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-    meta.set_journal_watermark(&now).await?;
     Ok(())
 }
 

@@ -480,10 +480,11 @@ fn full_disk_fails_writes_cleanly_and_heals_without_restart() {
         .send();
     // Refused, possibly before the whole body was sent (the connection then closes).
     if let Ok(r) = r {
+        let status = r.status();
         assert!(
-            r.status().is_server_error(),
-            "blob push on a full disk: {}",
-            r.status()
+            status.is_server_error(),
+            "blob push on a full disk: {status}: {}",
+            r.text().unwrap_or_default()
         );
     }
 

@@ -196,6 +196,8 @@ pub struct Journal {
     /// watermark never passes it and the next start replays it.
     in_flight: Mutex<BTreeMap<String, u32>>,
     records: AtomicU64,
+    /// Why the last record could not be written, until one is written again (readiness).
+    write_failure: Mutex<Option<String>>,
 }
 
 struct Clock {
@@ -230,6 +232,31 @@ impl Journal {
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             in_flight: Mutex::new(BTreeMap::new()),
             records: AtomicU64::new(0),
+            write_failure: Mutex::new(None),
+        }
+    }
+
+    /// Ok when records can be written: after a failed record, a small probe object is written
+    /// (at most once per readiness check) until one succeeds.
+    pub async fn check_writable(&self) -> MetaResult<()> {
+        let failing = self.write_failure.lock().expect("failure lock").clone();
+        let Some(cause) = failing else {
+            return Ok(());
+        };
+        let probe = self.store.key("journal-write-probe");
+        match self
+            .store
+            .put_object(&probe, ObjectBody::Bytes(Bytes::from_static(b"ok")))
+            .await
+        {
+            Ok(()) => {
+                log::info!("journal: the bucket takes records again");
+                *self.write_failure.lock().expect("failure lock") = None;
+                Ok(())
+            }
+            Err(_) => Err(MetaError::Unavailable(format!(
+                "bucket cannot take journal records: {cause}"
+            ))),
         }
     }
 
@@ -302,6 +329,7 @@ impl Journal {
         {
             Ok(()) => {
                 self.records.fetch_add(1, Ordering::Relaxed);
+                *self.write_failure.lock().expect("failure lock") = None;
                 Ok(Ticket {
                     journal: self,
                     time,
@@ -309,9 +337,12 @@ impl Journal {
             }
             // The record may have been stored all the same (a timeout after the write): its
             // time stays in flight, so the next start replays it if it exists.
-            Err(e) => Err(MetaError::Unavailable(format!(
-                "journal record {key} not written: {e}"
-            ))),
+            Err(e) => {
+                *self.write_failure.lock().expect("failure lock") = Some(e.to_string());
+                Err(MetaError::Unavailable(format!(
+                    "journal record {key} not written: {e}"
+                )))
+            }
         }
     }
 }
@@ -610,6 +641,17 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
             .map(|(d, _)| ("blob", d.as_str(), ""))
             .collect();
         let _g = self.journal.lock(&stripes).await;
+        // A re-run of an import: nothing changes that the bucket does not already say.
+        let mut all_linked = true;
+        for (d, _) in blobs {
+            if self.inner.repo_blob(repo, d).await?.is_none() {
+                all_linked = false;
+                break;
+            }
+        }
+        if all_linked {
+            return self.inner.adopt_blobs(repo, blobs).await;
+        }
         let op = Op::Adopt {
             repo: repo.to_owned(),
             blobs: blobs
@@ -736,7 +778,8 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
     }
 
     async fn check_writable(&self) -> MetaResult<()> {
-        self.inner.check_writable().await
+        self.inner.check_writable().await?;
+        self.journal.check_writable().await
     }
 
     async fn journal_watermark(&self) -> MetaResult<Option<String>> {

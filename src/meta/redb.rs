@@ -113,6 +113,8 @@ struct Inner {
     reopened: Mutex<Instant>,
     /// Bulk loading (a rebuild from the bucket): commits skip the fsync until it ends.
     bulk: AtomicBool,
+    /// Replaying the bucket journal: GC touches keep a candidate's queued time.
+    replaying: AtomicBool,
 }
 
 struct WriteFailure {
@@ -337,8 +339,14 @@ impl RedbStore {
                 write_failure: Mutex::new(None),
                 reopened: Mutex::new(Instant::now()),
                 bulk: AtomicBool::new(false),
+                replaying: AtomicBool::new(false),
             }),
         })
+    }
+
+    /// Replay of the bucket journal on or off (see [`gc::touch`]).
+    pub fn set_replaying(&self, on: bool) {
+        self.inner.replaying.store(on, Ordering::SeqCst);
     }
 
     /// Bulk loading on: every commit until [`RedbStore::end_bulk`] skips its fsync (a rebuild
@@ -394,7 +402,9 @@ impl Inner {
             }
         }
         let db = self.database()?;
+        gc::REPLAYING.set(self.replaying.load(Ordering::SeqCst));
         let result = transact(&db, what, self.bulk.load(Ordering::SeqCst), f);
+        gc::REPLAYING.set(false);
         drop(db); // reopening needs the only reference
         match &result {
             Err(MetaError::Unavailable(cause)) => self.write_failed(cause),

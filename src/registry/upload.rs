@@ -317,18 +317,22 @@ impl Registry {
                 }
                 hasher.update(&chunk);
                 if tx.send(Ok(chunk)).await.is_err() {
-                    break; // the PUT failed; its error is reported below
+                    // The PUT failed; its error is reported below, not the short read.
+                    return Ok(false);
                 }
             }
-            Ok(())
+            Ok(true)
         }
         .await;
         drop(tx);
         let stored = join(put).await;
-        let outcome = read
-            .and_then(|_| check_length(n, len))
-            .and(stored)
-            .and_then(|_| check_digest(&hasher, digest));
+        let outcome = match read {
+            Ok(false) => stored.and_then(|_| check_length(n, len)),
+            read => read
+                .and_then(|_| check_length(n, len))
+                .and(stored)
+                .and_then(|_| check_digest(&hasher, digest)),
+        };
         if let Err(e) = outcome {
             // Never leave bytes where they could be served under a digest they don't have.
             let _ = self.store.delete_object(&session.key).await;

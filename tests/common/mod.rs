@@ -82,6 +82,21 @@ impl S3Server {
         out
     }
 
+    /// Files of the bucket journal's records (under `berth/journal/`).
+    pub fn journal_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        walk(
+            &self
+                .root
+                .path()
+                .join(S3_BUCKET)
+                .join("berth")
+                .join("journal"),
+            &mut out,
+        );
+        out
+    }
+
     /// Files under the bucket (objects), for asserting what was stored.
     pub fn object_files(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();

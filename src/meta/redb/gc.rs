@@ -88,6 +88,12 @@ pub(super) fn touch(
     digest: &str,
     now: u64,
 ) -> MetaResult<()> {
+    // Replaying the bucket journal re-applies writes that (mostly) happened already: they
+    // must not restart every recent candidate's grace, so a replayed touch only queues what
+    // is not queued yet.
+    if REPLAYING.get() && queued(txn, kind, repo, digest)?.is_some() {
+        return Ok(());
+    }
     let mut queue = wtable(txn, GC_QUEUE)?;
     let mut due = wtable(txn, GC_DUE)?;
     let old = queue
@@ -101,6 +107,11 @@ pub(super) fn touch(
     due.insert((kind, now, repo, digest), ())
         .map_err(ctx("queue candidate"))?;
     Ok(())
+}
+
+thread_local! {
+    /// Set by the store around a write transaction while the journal is replayed.
+    pub(super) static REPLAYING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Queues at `now` unless queued already.
