@@ -1227,7 +1227,6 @@ fn max_blob_size_is_enforced_up_front_and_while_streaming() {
 }
 
 #[test]
-#[ignore = "regression since the journal/budget merge: the slow PATCH no longer holds its slot; see the session 17 note"]
 fn max_concurrent_uploads_answers_429() {
     let berth = Berth::start("limits:\n  max_concurrent_uploads: 1\n");
     let api = Api::new(&berth, None);
@@ -1235,16 +1234,22 @@ fn max_concurrent_uploads_answers_429() {
     let second = hdr(&api.start_upload("busy"), "location");
 
     // A chunked PATCH that keeps its upload slot: headers and one chunk, then nothing.
-    let mut slow = TcpStream::connect(("127.0.0.1", berth.port)).unwrap();
-    write!(
-        slow,
-        "PATCH {first} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n{}\r\n",
-        "a".repeat(1024)
-    )
-    .unwrap();
-    slow.flush().unwrap();
+    let hold_slot = || {
+        let mut slow = TcpStream::connect(("127.0.0.1", berth.port)).unwrap();
+        write!(
+            slow,
+            "PATCH {first} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n{}\r\n",
+            "a".repeat(1024)
+        )
+        .unwrap();
+        slow.flush().unwrap();
+        slow
+    };
+    let mut slow = hold_slot();
 
-    // Meanwhile another upload request is refused with 429 and Retry-After.
+    // Meanwhile another upload request is refused with 429 and Retry-After. The probe and
+    // the slow PATCH race for the one slot: if the probe won, the slow PATCH was the one
+    // refused (it has an answer waiting) and is sent again.
     let deadline = Instant::now() + Duration::from_secs(10);
     let refused = loop {
         let r = api
@@ -1256,7 +1261,23 @@ fn max_concurrent_uploads_answers_429() {
             break r;
         }
         assert!(Instant::now() < deadline, "never refused: {}", r.status());
-        std::thread::sleep(Duration::from_millis(50));
+        slow.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let mut answer = [0u8; 12];
+        match slow.read(&mut answer) {
+            Ok(_) => {
+                assert_eq!(&answer, b"HTTP/1.1 429", "the slow PATCH was answered");
+                slow = hold_slot();
+            }
+            Err(e) => assert!(
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "{e}"
+            ),
+        }
+        slow.set_read_timeout(None).unwrap();
     };
     assert_eq!(hdr(&refused, "retry-after"), "2");
     let body = refused.text().unwrap();
