@@ -11,11 +11,14 @@ use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 
 use crate::config::Config;
+use crate::config::MetadataConfig;
 use crate::http::access_log::AccessLog;
 use crate::http::ops::{OpsApp, Readiness, ReadinessProbe};
 use crate::http::service::BerthService;
 use crate::meta::instrumented::Instrumented;
+use crate::meta::postgres::PgStore;
 use crate::meta::redb::RedbStore;
+use crate::meta::MetaStore;
 use crate::registry::{Registry, RegistrySettings};
 use crate::storage::embedded::{EmbeddedOptions, EmbeddedS3};
 use crate::storage::ObjectStore;
@@ -73,12 +76,33 @@ pub fn prepare(mut config: Config) -> Result<(Config, Arc<Registry>), StartError
         .build()
         .map_err(StartError::Embedded)?;
     rt.block_on(probe.check())?;
-    drop(rt);
 
-    let meta = RedbStore::open(&config.data_dir.join("meta.redb"))?;
+    let meta: Arc<dyn MetaStore> = match &config.metadata {
+        MetadataConfig::Redb => Arc::new(Instrumented::new(RedbStore::open(
+            &config.data_dir.join("meta.redb"),
+        )?)),
+        MetadataConfig::Postgres(pg) => {
+            // Before serving, on the throwaway runtime: nodes starting together take turns.
+            let migrated = rt.block_on(crate::meta::postgres::migrate(pg))?;
+            log::info!(
+                "metadata: PostgreSQL, schema version {}{}",
+                crate::meta::postgres::SCHEMA_VERSION,
+                if migrated.applied.is_empty() {
+                    " (up to date)"
+                } else {
+                    ""
+                }
+            );
+            let store = PgStore::connect(pg)?;
+            let pool = store.clone();
+            crate::metrics::register_metadata_pool(move || pool.pool_status());
+            Arc::new(Instrumented::new(store))
+        }
+    };
+    drop(rt);
     let store = ObjectStore::new(&config.storage)?;
     let registry = Registry::new(
-        Arc::new(Instrumented::new(meta)),
+        meta,
         Arc::new(store),
         RegistrySettings::from_config(&config),
     );
@@ -154,7 +178,10 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
     }
     server.add_service(background_service(
         "upload expiry",
-        UploadExpiry { registry },
+        UploadExpiry {
+            registry,
+            node: uuid::Uuid::new_v4().to_string(),
+        },
     ));
     log::info!(
         "berth {} listening on {}{}",
@@ -173,10 +200,16 @@ fn fail_start(e: &str) -> ! {
     std::process::exit(1)
 }
 
-/// Aborts upload sessions idle past `upload.session_expiry`.
+/// Aborts upload sessions idle past `upload.session_expiry`, on one node at a time: the node
+/// holding the claim [`UPLOAD_EXPIRY`] (renewed every round; another node takes over when it
+/// lapses).
 struct UploadExpiry {
     registry: Arc<Registry>,
+    /// This node's claim holder name.
+    node: String,
 }
+
+const UPLOAD_EXPIRY: &str = "task:upload-expiry";
 
 #[async_trait]
 impl BackgroundService for UploadExpiry {
@@ -187,11 +220,22 @@ impl BackgroundService for UploadExpiry {
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = tick.tick() => match self.registry.expire_uploads().await {
-                    Ok(0) => {}
-                    Ok(n) => log::info!("expired {n} idle upload sessions"),
-                    Err(e) => log::warn!("upload expiry: {e}"),
-                },
+                _ = tick.tick() => {
+                    let meta = &self.registry.meta;
+                    match meta.claim(UPLOAD_EXPIRY, &self.node, every * 3).await {
+                        Ok(true) => {}
+                        Ok(false) => continue, // another node's turn
+                        Err(e) => {
+                            log::warn!("upload expiry: {e}");
+                            continue;
+                        }
+                    }
+                    match self.registry.expire_uploads().await {
+                        Ok(0) => {}
+                        Ok(n) => log::info!("expired {n} idle upload sessions"),
+                        Err(e) => log::warn!("upload expiry: {e}"),
+                    }
+                }
             }
         }
     }

@@ -26,11 +26,18 @@
 //! Every [`MetaStore`] method is exactly one redb transaction. Writes commit with redb's default
 //! `Immediate` durability (fsync before `commit` returns) and therefore run on tokio's blocking
 //! pool; reads are a few microseconds and run inline on the calling task.
+//!
+//! # Claims
+//!
+//! redb lets one process open the file, so that process is every writer there is: claims
+//! ([`MetaStore::claim`]) live in its memory, not in the file, and end with it.
 
+use std::collections::HashMap;
 use std::fmt::Display;
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ::redb::{
     Database, Key, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, Table,
@@ -40,8 +47,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    BlobRecord, Linked, ManifestRecord, MetaError, MetaResult, MetaStore, PendingChange, Referrer,
-    UploadSession,
+    upload_claim, BlobRecord, Linked, ManifestRecord, MetaError, MetaResult, MetaStore,
+    PendingChange, Referrer, UploadSession,
 };
 use crate::registry::names::Digest;
 
@@ -71,6 +78,8 @@ const UPLOAD_PENDING: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new
 #[derive(Clone)]
 pub struct RedbStore {
     db: Arc<Database>,
+    /// Claim name -> (holder, expiry).
+    claims: Arc<Mutex<HashMap<String, (String, Instant)>>>,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -88,11 +97,11 @@ enum Outcome<T> {
 
 /// Maps any redb (or other displayable) error to a [`MetaError`] with context.
 fn ctx<E: Display>(what: &'static str) -> impl FnOnce(E) -> MetaError {
-    move |e| MetaError(format!("{what}: {e}"))
+    move |e| MetaError::Failed(format!("{what}: {e}"))
 }
 
 fn corrupt(what: &str, detail: impl Display) -> MetaError {
-    MetaError(format!("corrupt record in {what}: {detail}"))
+    MetaError::Failed(format!("corrupt record in {what}: {detail}"))
 }
 
 fn parse_digest(table: &str, s: &str) -> MetaResult<Digest> {
@@ -112,7 +121,7 @@ fn wtable<'t, K: Key + 'static, V: Value + 'static>(
     def: TableDefinition<K, V>,
 ) -> MetaResult<Table<'t, K, V>> {
     txn.open_table(def)
-        .map_err(|e| MetaError(format!("open table {}: {e}", def.name())))
+        .map_err(|e| MetaError::Failed(format!("open table {}: {e}", def.name())))
 }
 
 fn rtable<K: Key + 'static, V: Value + 'static>(
@@ -120,7 +129,7 @@ fn rtable<K: Key + 'static, V: Value + 'static>(
     def: TableDefinition<K, V>,
 ) -> MetaResult<ReadOnlyTable<K, V>> {
     txn.open_table(def)
-        .map_err(|e| MetaError(format!("open table {}: {e}", def.name())))
+        .map_err(|e| MetaError::Failed(format!("open table {}: {e}", def.name())))
 }
 
 /// Removes all pending chunks of upload `id`.
@@ -152,7 +161,7 @@ impl RedbStore {
     /// missing table.
     pub fn open(path: &Path) -> MetaResult<RedbStore> {
         let db = Database::create(path)
-            .map_err(|e| MetaError(format!("open {}: {e}", path.display())))?;
+            .map_err(|e| MetaError::Failed(format!("open {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(ctx("create tables"))?;
         wtable(&txn, BLOBS)?;
         wtable(&txn, REPO_BLOBS)?;
@@ -163,7 +172,92 @@ impl RedbStore {
         wtable(&txn, UPLOADS)?;
         wtable(&txn, UPLOAD_PENDING)?;
         txn.commit().map_err(ctx("create tables"))?;
-        Ok(RedbStore { db: Arc::new(db) })
+        Ok(RedbStore {
+            db: Arc::new(db),
+            claims: Arc::default(),
+        })
+    }
+
+    /// Every row, read in one transaction (`berth metadata copy`).
+    pub fn export(&self) -> MetaResult<super::copy::Snapshot> {
+        let txn = self.read()?;
+        let mut out = super::copy::Snapshot::default();
+        let e = ctx("export");
+        for entry in rtable(&txn, REPOSITORIES)?.iter().map_err(e)? {
+            let (k, _) = entry.map_err(ctx("export repositories"))?;
+            out.repositories.push(k.value().to_owned());
+        }
+        for entry in rtable(&txn, BLOBS)?.iter().map_err(ctx("export"))? {
+            let (k, v) = entry.map_err(ctx("export blobs"))?;
+            let (size, key) = v.value();
+            out.blobs.push((
+                k.value().to_owned(),
+                BlobRecord {
+                    key: key.to_owned(),
+                    size,
+                },
+            ));
+        }
+        for entry in rtable(&txn, REPO_BLOBS)?.iter().map_err(ctx("export"))? {
+            let (k, _) = entry.map_err(ctx("export links"))?;
+            let (repo, digest) = k.value();
+            out.links.push((repo.to_owned(), digest.to_owned()));
+        }
+        for entry in rtable(&txn, MANIFESTS)?.iter().map_err(ctx("export"))? {
+            let (k, _) = entry.map_err(ctx("export manifests"))?;
+            let (repo, digest) = k.value();
+            let record = read_manifest(&txn, repo, digest)?
+                .ok_or_else(|| corrupt("manifests", "vanished during export"))?;
+            out.manifests
+                .push((repo.to_owned(), digest.to_owned(), record));
+        }
+        for entry in rtable(&txn, TAGS)?.iter().map_err(ctx("export"))? {
+            let (k, v) = entry.map_err(ctx("export tags"))?;
+            let (repo, tag) = k.value();
+            out.tags
+                .push((repo.to_owned(), tag.to_owned(), v.value().to_owned()));
+        }
+        for entry in rtable(&txn, REFERRERS)?.iter().map_err(ctx("export"))? {
+            let (k, v) = entry.map_err(ctx("export referrers"))?;
+            let (repo, subject, digest) = k.value();
+            out.referrers.push((
+                repo.to_owned(),
+                subject.to_owned(),
+                digest.to_owned(),
+                Bytes::copy_from_slice(v.value()),
+            ));
+        }
+        let pending = rtable(&txn, UPLOAD_PENDING)?;
+        for entry in rtable(&txn, UPLOADS)?.iter().map_err(ctx("export"))? {
+            let (_, v) = entry.map_err(ctx("export uploads"))?;
+            let session = decode_session(v.value())?;
+            let mut bytes = Vec::new();
+            for chunk in pending
+                .range((session.id.as_str(), 0u32)..=(session.id.as_str(), u32::MAX))
+                .map_err(ctx("export pending"))?
+            {
+                let (_, c) = chunk.map_err(ctx("export pending"))?;
+                bytes.extend_from_slice(c.value());
+            }
+            out.uploads.push((session, Bytes::from(bytes)));
+        }
+        Ok(out)
+    }
+
+    fn claims(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
+        // A panic while holding the map cannot leave it half-updated: every change is one
+        // insert or remove.
+        self.claims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `session` may be saved: unfenced, or its writer still holds the claim.
+    fn may_save(&self, session: &UploadSession) -> bool {
+        let Some(writer) = &session.writer else {
+            return true;
+        };
+        self.claims()
+            .get(&upload_claim(&session.id))
+            .is_some_and(|(holder, until)| holder == writer && *until > Instant::now())
     }
 
     fn read(&self) -> MetaResult<ReadTransaction> {
@@ -192,17 +286,42 @@ impl RedbStore {
                 Err(e) => {
                     // The original error matters more than a failure to abort.
                     let _ = txn.abort();
-                    Err(MetaError(format!("{what}: {}", e.0)))
+                    Err(e.context(what))
                 }
             }
         })
         .await
-        .map_err(|e| MetaError(format!("{what}: write task failed: {e}")))?
+        .map_err(|e| MetaError::Failed(format!("{what}: write task failed: {e}")))?
     }
 }
 
 #[async_trait]
 impl MetaStore for RedbStore {
+    // ---- claims ----
+
+    async fn claim(&self, name: &str, holder: &str, ttl: Duration) -> MetaResult<bool> {
+        let now = Instant::now();
+        let mut claims = self.claims();
+        match claims.get_mut(name) {
+            Some((h, until)) if h != holder && *until > now => Ok(false),
+            Some((h, until)) if h == holder => {
+                *until = now + ttl;
+                Ok(true)
+            }
+            _ => {
+                claims.insert(name.to_owned(), (holder.to_owned(), now + ttl));
+                Ok(true)
+            }
+        }
+    }
+
+    async fn release(&self, name: &str, holder: &str) -> MetaResult<()> {
+        let mut claims = self.claims();
+        if claims.get(name).is_some_and(|(h, _)| h == holder) {
+            claims.remove(name);
+        }
+        Ok(())
+    }
     // ---- blobs ----
 
     async fn blob(&self, digest: &Digest) -> MetaResult<Option<BlobRecord>> {
@@ -547,6 +666,14 @@ impl MetaStore for RedbStore {
     }
 
     async fn save_upload(&self, session: &UploadSession, change: PendingChange) -> MetaResult<()> {
+        // Checked before the write: the claim's holder is the only caller that could take it
+        // back, and it is the one saving.
+        if !self.may_save(session) {
+            return Err(MetaError::Unavailable(format!(
+                "upload {}: claimed by another writer",
+                session.id
+            )));
+        }
         let id = session.id.clone();
         let json = encode_session(session)?;
         self.write("save_upload", move |txn| {
@@ -568,7 +695,7 @@ impl MetaStore for RedbStore {
                     Some(entry) => {
                         let (k, _) = entry.map_err(ctx("scan pending"))?;
                         k.value().1.checked_add(1).ok_or_else(|| {
-                            MetaError(format!("upload {id}: too many pending chunks"))
+                            MetaError::Failed(format!("upload {id}: too many pending chunks"))
                         })?
                     }
                     None => 0,
@@ -583,18 +710,23 @@ impl MetaStore for RedbStore {
     }
 
     async fn delete_upload(&self, id: &str) -> MetaResult<bool> {
+        let claim = upload_claim(id);
         let id = id.to_owned();
-        self.write("delete_upload", move |txn| {
-            let mut uploads = wtable(txn, UPLOADS)?;
-            let existed = uploads
-                .remove(id.as_str())
-                .map_err(ctx("remove session"))?
-                .is_some();
-            let mut pending = wtable(txn, UPLOAD_PENDING)?;
-            clear_pending(&mut pending, &id)?;
-            Ok(Outcome::Commit(existed))
-        })
-        .await
+        let deleted = self
+            .write("delete_upload", move |txn| {
+                let mut uploads = wtable(txn, UPLOADS)?;
+                let existed = uploads
+                    .remove(id.as_str())
+                    .map_err(ctx("remove session"))?
+                    .is_some();
+                let mut pending = wtable(txn, UPLOAD_PENDING)?;
+                clear_pending(&mut pending, &id)?;
+                Ok(Outcome::Commit(existed))
+            })
+            .await;
+        // After the commit: a writer claiming it now finds no session.
+        self.claims().remove(&claim);
+        deleted
     }
 
     async fn idle_uploads(&self, cutoff: u64) -> MetaResult<Vec<UploadSession>> {
@@ -618,44 +750,48 @@ impl MetaStore for RedbStore {
         digest: &Digest,
         record: BlobRecord,
     ) -> MetaResult<Linked> {
+        let claim = upload_claim(id);
         let id = id.to_owned();
         let repo = repo.to_owned();
         let digest = digest.clone();
-        self.write("finish_upload", move |txn| {
-            let repo = repo.as_str();
-            let digest = digest.as_str();
-            {
-                let mut uploads = wtable(txn, UPLOADS)?;
-                uploads.remove(id.as_str()).map_err(ctx("remove session"))?;
-                let mut pending = wtable(txn, UPLOAD_PENDING)?;
-                clear_pending(&mut pending, &id)?;
-            }
-            let mut blobs = wtable(txn, BLOBS)?;
-            let existing = blobs.get(digest).map_err(ctx("get blob"))?.map(|g| {
-                let (size, key) = g.value();
-                BlobRecord {
-                    key: key.to_owned(),
-                    size,
+        let linked = self
+            .write("finish_upload", move |txn| {
+                let repo = repo.as_str();
+                let digest = digest.as_str();
+                {
+                    let mut uploads = wtable(txn, UPLOADS)?;
+                    uploads.remove(id.as_str()).map_err(ctx("remove session"))?;
+                    let mut pending = wtable(txn, UPLOAD_PENDING)?;
+                    clear_pending(&mut pending, &id)?;
                 }
-            });
-            let linked = match existing {
-                Some(existing) => Linked::Existing(existing),
-                None => {
-                    blobs
-                        .insert(digest, (record.size, record.key.as_str()))
-                        .map_err(ctx("insert blob"))?;
-                    Linked::New
-                }
-            };
-            let mut links = wtable(txn, REPO_BLOBS)?;
-            links
-                .insert((repo, digest), ())
-                .map_err(ctx("insert link"))?;
-            let mut repos = wtable(txn, REPOSITORIES)?;
-            repos.insert(repo, ()).map_err(ctx("insert repository"))?;
-            Ok(Outcome::Commit(linked))
-        })
-        .await
+                let mut blobs = wtable(txn, BLOBS)?;
+                let existing = blobs.get(digest).map_err(ctx("get blob"))?.map(|g| {
+                    let (size, key) = g.value();
+                    BlobRecord {
+                        key: key.to_owned(),
+                        size,
+                    }
+                });
+                let linked = match existing {
+                    Some(existing) => Linked::Existing(existing),
+                    None => {
+                        blobs
+                            .insert(digest, (record.size, record.key.as_str()))
+                            .map_err(ctx("insert blob"))?;
+                        Linked::New
+                    }
+                };
+                let mut links = wtable(txn, REPO_BLOBS)?;
+                links
+                    .insert((repo, digest), ())
+                    .map_err(ctx("insert link"))?;
+                let mut repos = wtable(txn, REPOSITORIES)?;
+                repos.insert(repo, ()).map_err(ctx("insert repository"))?;
+                Ok(Outcome::Commit(linked))
+            })
+            .await;
+        self.claims().remove(&claim);
+        linked
     }
 }
 
@@ -704,6 +840,7 @@ mod tests {
             hasher: vec![1, 2, 3, 4],
             created: updated.saturating_sub(10),
             updated,
+            writer: None,
         }
     }
 

@@ -155,7 +155,10 @@ impl RegistryError {
 
 impl From<MetaError> for RegistryError {
     fn from(e: MetaError) -> Self {
-        RegistryError::Internal(e.to_string())
+        match e {
+            MetaError::Unavailable(_) => RegistryError::Unavailable(e.to_string()),
+            MetaError::Failed(_) => RegistryError::Internal(e.to_string()),
+        }
     }
 }
 

@@ -56,8 +56,6 @@ pub struct Registry {
     pub meta: Arc<dyn MetaStore>,
     pub store: Arc<ObjectStore>,
     pub settings: RegistrySettings,
-    /// Upload sessions a request is writing right now (one writer per session).
-    busy_uploads: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// How to serve a blob GET.
@@ -78,7 +76,6 @@ impl Registry {
             meta,
             store,
             settings,
-            busy_uploads: Default::default(),
         }
     }
 
