@@ -256,9 +256,10 @@ fn concurrent_patches_of_one_session_through_both_nodes_never_interleave() {
                             .header("Content-Type", "application/octet-stream")
                             .header("Content-Range", format!("0-{}", body.len() - 1))
                             .body(body.clone())
-                            .send()
-                            .unwrap();
-                        r.status().as_u16()
+                            .send();
+                        // Refused before the body was sent: berth answers and closes the
+                        // connection, which the client may see as a send error.
+                        r.map_or(0, |r| r.status().as_u16())
                     })
                 })
                 .collect();
@@ -268,7 +269,7 @@ fn concurrent_patches_of_one_session_through_both_nodes_never_interleave() {
         assert_eq!(winners.len(), 1, "round {round}: statuses {statuses:?}");
         let loser = statuses[1 - winners[0]];
         assert!(
-            [409, 416, 503].contains(&loser),
+            [0, 409, 416, 503].contains(&loser),
             "round {round}: loser answered {loser}"
         );
         // The session holds exactly the winner's bytes: finishing with their digest works
@@ -371,12 +372,14 @@ fn node_killed_mid_patch_the_client_continues_on_another() {
             .patch(on(&n[1], &loc))
             .header("Content-Range", format!("{committed}-{}", blob.len() - 1))
             .body(blob[committed..].to_vec())
-            .send()
-            .unwrap();
-        match r.status().as_u16() {
-            202 => break,
-            409 if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(500)),
-            s => panic!("PATCH on B: {s}: {}", r.text().unwrap()),
+            .send();
+        match r.as_ref().map(|r| r.status().as_u16()) {
+            Ok(202) => break,
+            // Busy (the connection may close before the whole body is sent).
+            Ok(409) | Err(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(500))
+            }
+            other => panic!("PATCH on B: {other:?}"),
         }
     }
     let sep = if loc.contains('?') { '&' } else { '?' };

@@ -103,14 +103,14 @@ impl PgServer {
             // thread that lives as long as the process.
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
-                tx.send(PgServer::init()).unwrap();
+                let server = PgServer::init();
+                server.start_process();
+                tx.send(server).unwrap();
                 loop {
                     std::thread::park();
                 }
             });
-            let server = rx.recv().unwrap();
-            server.start_process();
-            server
+            rx.recv().unwrap()
         })
     }
 
