@@ -298,15 +298,15 @@ fn node_killed_mid_patch_the_client_continues_on_another() {
     let s3 = S3Server::start();
     let (_, mut n) = nodes(pg, &s3, 2, "upload:\n  part_size: 5MiB\n");
     let c = client();
-    let blob = bytes(9, 8 * MIB);
+    let blob = bytes(9, 14 * MIB);
     let digest = sha256_digest(&blob);
     let r = c
         .post(n[0].url("/v2/survivor/blobs/uploads/"))
         .send()
         .unwrap();
     let loc = location(&n[0], &r);
-    // 2 MiB committed on A, then a PATCH that A never finishes: its body stalls after 6 MiB
-    // (part 1 stored) until A is killed.
+    // 2 MiB committed on A, then a PATCH that A never finishes: its body stalls after 11 MiB
+    // until A is killed (a part is committed when the next one starts: part 1 is).
     let r = c
         .patch(on(&n[0], &loc))
         .header("Content-Range", format!("0-{}", 2 * MIB - 1))
@@ -336,7 +336,7 @@ fn node_killed_mid_patch_the_client_continues_on_another() {
     let stalled = Stalling {
         data: blob.clone(),
         at: 2 * MIB,
-        stop_at: 6 * MIB,
+        stop_at: 11 * MIB,
         release: rx,
     };
     let url = on(&n[0], &loc);
