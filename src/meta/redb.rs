@@ -1319,6 +1319,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn claims_exclude_other_holders_and_fence_saves() {
+        let (_dir, s) = store();
+        let ttl = Duration::from_secs(60);
+        let name = upload_claim("up");
+        s.create_upload(&session("up", 1)).await.unwrap();
+        assert!(s.claim(&name, "w1", ttl).await.unwrap());
+        assert!(s.claim(&name, "w1", ttl).await.unwrap(), "renewal");
+        assert!(!s.claim(&name, "w2", ttl).await.unwrap());
+
+        let mut by_w1 = session("up", 2);
+        by_w1.writer = Some("w1".into());
+        s.save_upload(&by_w1, PendingChange::default())
+            .await
+            .unwrap();
+        let mut by_w2 = session("up", 3);
+        by_w2.writer = Some("w2".into());
+        let err = s.save_upload(&by_w2, PendingChange::default()).await;
+        assert!(matches!(err, Err(MetaError::Unavailable(_))), "{err:?}");
+        assert_eq!(s.upload("up").await.unwrap().unwrap().updated, 2);
+
+        // Another holder's release changes nothing; the holder's own frees it.
+        s.release(&name, "w2").await.unwrap();
+        assert!(!s.claim(&name, "w2", ttl).await.unwrap());
+        s.release(&name, "w1").await.unwrap();
+        assert!(s.claim(&name, "w2", ttl).await.unwrap());
+        // An expired claim passes to the next claimer.
+        assert!(s.claim("task", "n1", Duration::ZERO).await.unwrap());
+        assert!(s.claim("task", "n2", ttl).await.unwrap());
+        // Finishing the upload ends its claim.
+        s.finish_upload("up", "r", &digest(1), blob("k", 1))
+            .await
+            .unwrap();
+        assert!(s.claim(&name, "w3", ttl).await.unwrap());
+    }
+
+    #[tokio::test]
     async fn concurrent_writes_all_land() {
         let (_dir, s) = store();
         let mut handles = Vec::new();

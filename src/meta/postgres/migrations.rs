@@ -17,7 +17,7 @@ const MIGRATIONS: &[(i32, &str, &str)] =
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 /// Key of the advisory lock held while migrating ("berth" in ASCII).
-const LOCK_KEY: i64 = 0x6265_7274_68;
+const LOCK_KEY: i64 = 0x0062_6572_7468;
 
 /// What [`migrate`] found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
