@@ -11,11 +11,13 @@ use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 
 use crate::config::Config;
+use crate::config::MetadataConfig;
 use crate::http::access_log::AccessLog;
 use crate::http::ops::{OpsApp, Readiness, ReadinessProbe};
 use crate::http::service::BerthService;
 use crate::meta::instrumented::Instrumented;
 use crate::meta::journal::{self, Journal, Journaled, LogProgress, Replayer};
+use crate::meta::postgres::PgStore;
 use crate::meta::redb::RedbStore;
 use crate::meta::MetaStore;
 use crate::mirror::Mirrors;
@@ -45,23 +47,55 @@ pub enum StartError {
 /// and checks that the bucket is reachable.
 pub fn prepare(config: Config) -> Result<(Config, Arc<Registry>), StartError> {
     let (config, rt, probe) = reach_storage(config)?;
-    let meta = RedbStore::open(&config.data_dir.join("meta.redb"))?;
     let store = Arc::new(ObjectStore::new(&config.storage)?);
-    let meta: Arc<dyn MetaStore> = if config.journal.enabled {
-        rt.block_on(bring_up_to_date(&meta, &probe, &config))?;
-        let journal = Arc::new(Journal::new(store.clone()));
-        Arc::new(Instrumented::new(Journaled::new(meta, journal)))
-    } else {
-        log::warn!(
-            "journal.enabled is false: metadata is only in {}, the bucket cannot rebuild it",
-            config.data_dir.display()
-        );
-        Arc::new(Instrumented::new(meta))
+    let meta: Arc<dyn MetaStore> = match &config.metadata {
+        MetadataConfig::Redb => {
+            let redb = RedbStore::open(&config.data_dir.join("meta.redb"))?;
+            if config.journal.enabled {
+                rt.block_on(bring_up_to_date(&redb, Some(&redb), &probe, &config))?;
+            }
+            with_journal(redb, &config, &store)
+        }
+        MetadataConfig::Postgres(pg) => {
+            // Before serving, on the throwaway runtime: nodes starting together take turns.
+            let migrated = rt.block_on(crate::meta::postgres::migrate(pg))?;
+            log::info!(
+                "metadata: PostgreSQL, schema version {}{}",
+                crate::meta::postgres::SCHEMA_VERSION,
+                if migrated.applied.is_empty() {
+                    " (up to date)"
+                } else {
+                    ""
+                }
+            );
+            let pgstore = PgStore::connect(pg)?;
+            let pool = pgstore.clone();
+            crate::metrics::register_metadata_pool(move || pool.pool_status());
+            if config.journal.enabled {
+                rt.block_on(bring_up_to_date(&pgstore, None, &probe, &config))?;
+            }
+            with_journal(pgstore, &config, &store)
+        }
     };
     drop(rt);
     let registry = Registry::new(meta, store, RegistrySettings::from_config(&config))
         .with_mirrors(Mirrors::from_config(&config.proxy).map_err(StartError::Mirror)?);
     Ok((config, Arc::new(registry)))
+}
+
+/// The backend as the registry sees it: timed, and journaled unless `journal.enabled` is off.
+fn with_journal<M: MetaStore>(
+    meta: M,
+    config: &Config,
+    store: &Arc<ObjectStore>,
+) -> Arc<dyn MetaStore> {
+    if config.journal.enabled {
+        let journal = Arc::new(Journal::new(store.clone()));
+        Arc::new(Instrumented::new(Journaled::new(meta, journal)))
+    } else {
+        log::warn!("journal.enabled is false: the bucket cannot rebuild the metadata store");
+        Arc::new(Instrumented::new(meta))
+    }
 }
 
 /// Creates the data directory, starts the embedded S3 endpoint when the config names none,
@@ -111,7 +145,8 @@ pub fn reach_storage(
 /// the bucket has records (and says so in the log); any other store replays the records
 /// from its watermark on, which repairs a crash between a record and its local commit.
 async fn bring_up_to_date(
-    meta: &RedbStore,
+    meta: &dyn MetaStore,
+    bulk: Option<&RedbStore>,
     store: &ObjectStore,
     config: &Config,
 ) -> Result<(), StartError> {
@@ -137,9 +172,13 @@ async fn bring_up_to_date(
                 if fresh { " (it is empty)" } else { "" },
                 store.bucket(),
             );
-            meta.begin_bulk();
+            if let Some(redb) = bulk {
+                redb.begin_bulk();
+            }
             let stats = replayer.rebuild().await;
-            meta.end_bulk().await?;
+            if let Some(redb) = bulk {
+                redb.end_bulk().await?;
+            }
             log::info!(
                 "journal: metadata store rebuilt from the bucket: {}",
                 stats?
@@ -234,7 +273,10 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
     }
     server.add_service(background_service(
         "upload expiry",
-        UploadExpiry { registry },
+        UploadExpiry {
+            registry,
+            node: uuid::Uuid::new_v4().to_string(),
+        },
     ));
     log::info!(
         "berth {} listening on {}{}",
@@ -277,10 +319,16 @@ impl BackgroundService for GcLoop {
     }
 }
 
-/// Aborts upload sessions idle past `upload.session_expiry`.
+/// Aborts upload sessions idle past `upload.session_expiry`, on one node at a time: the node
+/// holding the claim [`UPLOAD_EXPIRY`] (renewed every round; another node takes over when it
+/// lapses).
 struct UploadExpiry {
     registry: Arc<Registry>,
+    /// This node's claim holder name.
+    node: String,
 }
+
+const UPLOAD_EXPIRY: &str = "task:upload-expiry";
 
 #[async_trait]
 impl BackgroundService for UploadExpiry {
@@ -291,11 +339,22 @@ impl BackgroundService for UploadExpiry {
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = tick.tick() => match self.registry.expire_uploads().await {
-                    Ok(0) => {}
-                    Ok(n) => log::info!("expired {n} idle upload sessions"),
-                    Err(e) => log::warn!("upload expiry: {e}"),
-                },
+                _ = tick.tick() => {
+                    let meta = &self.registry.meta;
+                    match meta.claim(UPLOAD_EXPIRY, &self.node, every * 3).await {
+                        Ok(true) => {}
+                        Ok(false) => continue, // another node's turn
+                        Err(e) => {
+                            log::warn!("upload expiry: {e}");
+                            continue;
+                        }
+                    }
+                    match self.registry.expire_uploads().await {
+                        Ok(0) => {}
+                        Ok(n) => log::info!("expired {n} idle upload sessions"),
+                        Err(e) => log::warn!("upload expiry: {e}"),
+                    }
+                }
             }
         }
     }

@@ -29,12 +29,19 @@
 //! Every [`MetaStore`] method is exactly one redb transaction. Writes commit with redb's default
 //! `Immediate` durability (fsync before `commit` returns) and therefore run on tokio's blocking
 //! pool; reads are a few microseconds and run inline on the calling task.
+//!
+//! # Claims
+//!
+//! redb lets one process open the file, so that process is every writer there is: claims
+//! ([`MetaStore::claim`]) live in its memory, not in the file, and end with it.
 
+use std::collections::HashMap;
 use std::fmt::Display;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ::redb::{
     Database, Durability, Key, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable,
@@ -46,9 +53,9 @@ use bytes::Bytes;
 mod gc;
 
 use super::{
-    BlobCollection, BlobRecord, Candidate, CandidateKind, Linked, ManifestPut, ManifestRecord,
-    MetaError, MetaResult, MetaStore, PendingChange, QueuedCandidate, Referrer, TagInfo,
-    UploadSession,
+    upload_claim, BlobCollection, BlobRecord, Candidate, CandidateKind, Linked, ManifestPut,
+    ManifestRecord, MetaError, MetaResult, MetaStore, PendingChange, QueuedCandidate, Referrer,
+    TagInfo, UploadSession,
 };
 use crate::registry::names::Digest;
 use crate::registry::unix_now;
@@ -84,6 +91,8 @@ pub struct RedbStore {
     db: Arc<Database>,
     /// Bulk loading (a rebuild from the bucket): commits skip the fsync until it ends.
     bulk: Arc<AtomicBool>,
+    /// Claim name -> (holder, expiry).
+    claims: Arc<Mutex<HashMap<String, (String, Instant)>>>,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -269,6 +278,7 @@ impl RedbStore {
         Ok(RedbStore {
             db: Arc::new(db),
             bulk: Arc::new(AtomicBool::new(false)),
+            claims: Arc::default(),
         })
     }
 
@@ -284,6 +294,88 @@ impl RedbStore {
         self.bulk.store(false, Ordering::SeqCst);
         self.write("end bulk load", |_| Ok(Outcome::Commit(())))
             .await
+    }
+
+    /// Every row, read in one transaction (`berth metadata copy`).
+    pub fn export(&self) -> MetaResult<super::copy::Snapshot> {
+        let txn = self.read()?;
+        let mut out = super::copy::Snapshot::default();
+        let e = ctx("export");
+        for entry in rtable(&txn, REPOSITORIES)?.iter().map_err(e)? {
+            let (k, _) = entry.map_err(ctx("export repositories"))?;
+            out.repositories.push(k.value().to_owned());
+        }
+        for entry in rtable(&txn, BLOBS)?.iter().map_err(ctx("export"))? {
+            let (k, v) = entry.map_err(ctx("export blobs"))?;
+            let (size, key) = v.value();
+            out.blobs.push((
+                k.value().to_owned(),
+                BlobRecord {
+                    key: key.to_owned(),
+                    size,
+                },
+            ));
+        }
+        for entry in rtable(&txn, REPO_BLOBS)?.iter().map_err(ctx("export"))? {
+            let (k, _) = entry.map_err(ctx("export links"))?;
+            let (repo, digest) = k.value();
+            out.links.push((repo.to_owned(), digest.to_owned()));
+        }
+        for entry in rtable(&txn, MANIFESTS)?.iter().map_err(ctx("export"))? {
+            let (k, _) = entry.map_err(ctx("export manifests"))?;
+            let (repo, digest) = k.value();
+            let record = read_manifest(&txn, repo, digest)?
+                .ok_or_else(|| corrupt("manifests", "vanished during export"))?;
+            out.manifests
+                .push((repo.to_owned(), digest.to_owned(), record));
+        }
+        for entry in rtable(&txn, TAGS)?.iter().map_err(ctx("export"))? {
+            let (k, v) = entry.map_err(ctx("export tags"))?;
+            let (repo, tag) = k.value();
+            out.tags
+                .push((repo.to_owned(), tag.to_owned(), v.value().to_owned()));
+        }
+        for entry in rtable(&txn, REFERRERS)?.iter().map_err(ctx("export"))? {
+            let (k, v) = entry.map_err(ctx("export referrers"))?;
+            let (repo, subject, digest) = k.value();
+            out.referrers.push((
+                repo.to_owned(),
+                subject.to_owned(),
+                digest.to_owned(),
+                Bytes::copy_from_slice(v.value()),
+            ));
+        }
+        let pending = rtable(&txn, UPLOAD_PENDING)?;
+        for entry in rtable(&txn, UPLOADS)?.iter().map_err(ctx("export"))? {
+            let (_, v) = entry.map_err(ctx("export uploads"))?;
+            let session = decode_session(v.value())?;
+            let mut bytes = Vec::new();
+            for chunk in pending
+                .range((session.id.as_str(), 0u32)..=(session.id.as_str(), u32::MAX))
+                .map_err(ctx("export pending"))?
+            {
+                let (_, c) = chunk.map_err(ctx("export pending"))?;
+                bytes.extend_from_slice(c.value());
+            }
+            out.uploads.push((session, Bytes::from(bytes)));
+        }
+        Ok(out)
+    }
+
+    fn claims(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
+        // A panic while holding the map cannot leave it half-updated: every change is one
+        // insert or remove.
+        self.claims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `session` may be saved: unfenced, or its writer still holds the claim.
+    fn may_save(&self, session: &UploadSession) -> bool {
+        let Some(writer) = &session.writer else {
+            return true;
+        };
+        self.claims()
+            .get(&upload_claim(&session.id))
+            .is_some_and(|(holder, until)| holder == writer && *until > Instant::now())
     }
 
     fn read(&self) -> MetaResult<ReadTransaction> {
@@ -316,10 +408,7 @@ impl RedbStore {
                 Err(e) => {
                     // The original error matters more than a failure to abort.
                     let _ = txn.abort();
-                    Err(match e {
-                        MetaError::Failed(m) => MetaError::Failed(format!("{what}: {m}")),
-                        MetaError::Unavailable(m) => MetaError::Unavailable(format!("{what}: {m}")),
-                    })
+                    Err(e.context(what))
                 }
             }
         })
@@ -330,6 +419,31 @@ impl RedbStore {
 
 #[async_trait]
 impl MetaStore for RedbStore {
+    // ---- claims ----
+
+    async fn claim(&self, name: &str, holder: &str, ttl: Duration) -> MetaResult<bool> {
+        let now = Instant::now();
+        let mut claims = self.claims();
+        match claims.get_mut(name) {
+            Some((h, until)) if h != holder && *until > now => Ok(false),
+            Some((h, until)) if h == holder => {
+                *until = now + ttl;
+                Ok(true)
+            }
+            _ => {
+                claims.insert(name.to_owned(), (holder.to_owned(), now + ttl));
+                Ok(true)
+            }
+        }
+    }
+
+    async fn release(&self, name: &str, holder: &str) -> MetaResult<()> {
+        let mut claims = self.claims();
+        if claims.get(name).is_some_and(|(h, _)| h == holder) {
+            claims.remove(name);
+        }
+        Ok(())
+    }
     // ---- blobs ----
 
     async fn blob(&self, digest: &Digest) -> MetaResult<Option<BlobRecord>> {
@@ -393,20 +507,13 @@ impl MetaStore for RedbStore {
         let repo = repo.to_owned();
         let adopted = blobs.to_vec();
         self.write("adopt_blobs", move |txn| {
-            let mut index = wtable(txn, BLOBS)?;
-            let mut links = wtable(txn, REPO_BLOBS)?;
             let mut out = Vec::with_capacity(adopted.len());
             for (digest, record) in &adopted {
+                let mut index = wtable(txn, BLOBS)?;
                 let existing = index
                     .get(digest.as_str())
                     .map_err(ctx("get blob"))?
-                    .map(|g| {
-                        let (size, key) = g.value();
-                        BlobRecord {
-                            key: key.to_owned(),
-                            size,
-                        }
-                    });
+                    .map(|g| blob_value(g.value()));
                 out.push(match existing {
                     Some(existing) => Linked::Existing(existing),
                     None => {
@@ -416,14 +523,10 @@ impl MetaStore for RedbStore {
                         Linked::New
                     }
                 });
-                links
-                    .insert((repo.as_str(), digest.as_str()), ())
-                    .map_err(ctx("insert link"))?;
+                drop(index);
+                // As `finish_upload`: both directions, and the blob's candidate touched.
+                link(txn, &repo, digest.as_str())?;
             }
-            let mut repos = wtable(txn, REPOSITORIES)?;
-            repos
-                .insert(repo.as_str(), ())
-                .map_err(ctx("insert repository"))?;
             Ok(Outcome::Commit(out))
         })
         .await
@@ -702,6 +805,14 @@ impl MetaStore for RedbStore {
     }
 
     async fn save_upload(&self, session: &UploadSession, change: PendingChange) -> MetaResult<()> {
+        // Checked before the write: the claim's holder is the only caller that could take it
+        // back, and it is the one saving.
+        if !self.may_save(session) {
+            return Err(MetaError::Unavailable(format!(
+                "upload {}: claimed by another writer",
+                session.id
+            )));
+        }
         let id = session.id.clone();
         let json = encode_session(session)?;
         self.write("save_upload", move |txn| {
@@ -738,18 +849,23 @@ impl MetaStore for RedbStore {
     }
 
     async fn delete_upload(&self, id: &str) -> MetaResult<bool> {
+        let claim = upload_claim(id);
         let id = id.to_owned();
-        self.write("delete_upload", move |txn| {
-            let mut uploads = wtable(txn, UPLOADS)?;
-            let existed = uploads
-                .remove(id.as_str())
-                .map_err(ctx("remove session"))?
-                .is_some();
-            let mut pending = wtable(txn, UPLOAD_PENDING)?;
-            clear_pending(&mut pending, &id)?;
-            Ok(Outcome::Commit(existed))
-        })
-        .await
+        let deleted = self
+            .write("delete_upload", move |txn| {
+                let mut uploads = wtable(txn, UPLOADS)?;
+                let existed = uploads
+                    .remove(id.as_str())
+                    .map_err(ctx("remove session"))?
+                    .is_some();
+                let mut pending = wtable(txn, UPLOAD_PENDING)?;
+                clear_pending(&mut pending, &id)?;
+                Ok(Outcome::Commit(existed))
+            })
+            .await;
+        // After the commit: a writer claiming it now finds no session.
+        self.claims().remove(&claim);
+        deleted
     }
 
     async fn idle_uploads(&self, cutoff: u64) -> MetaResult<Vec<UploadSession>> {
@@ -773,40 +889,41 @@ impl MetaStore for RedbStore {
         digest: &Digest,
         record: BlobRecord,
     ) -> MetaResult<Linked> {
+        let claim = upload_claim(id);
         let id = id.to_owned();
         let repo = repo.to_owned();
         let digest = digest.clone();
-        self.write("finish_upload", move |txn| {
-            let repo = repo.as_str();
-            let digest = digest.as_str();
-            {
-                let mut uploads = wtable(txn, UPLOADS)?;
-                uploads.remove(id.as_str()).map_err(ctx("remove session"))?;
-                let mut pending = wtable(txn, UPLOAD_PENDING)?;
-                clear_pending(&mut pending, &id)?;
-            }
-            let mut blobs = wtable(txn, BLOBS)?;
-            let existing = blobs.get(digest).map_err(ctx("get blob"))?.map(|g| {
-                let (size, key) = g.value();
-                BlobRecord {
-                    key: key.to_owned(),
-                    size,
+        let linked = self
+            .write("finish_upload", move |txn| {
+                let repo = repo.as_str();
+                let digest = digest.as_str();
+                {
+                    let mut uploads = wtable(txn, UPLOADS)?;
+                    uploads.remove(id.as_str()).map_err(ctx("remove session"))?;
+                    let mut pending = wtable(txn, UPLOAD_PENDING)?;
+                    clear_pending(&mut pending, &id)?;
                 }
-            });
-            let linked = match existing {
-                Some(existing) => Linked::Existing(existing),
-                None => {
-                    blobs
-                        .insert(digest, (record.size, record.key.as_str()))
-                        .map_err(ctx("insert blob"))?;
-                    Linked::New
-                }
-            };
-            drop(blobs);
-            link(txn, repo, digest)?;
-            Ok(Outcome::Commit(linked))
-        })
-        .await
+                let mut blobs = wtable(txn, BLOBS)?;
+                let existing = blobs
+                    .get(digest)
+                    .map_err(ctx("get blob"))?
+                    .map(|g| blob_value(g.value()));
+                let linked = match existing {
+                    Some(existing) => Linked::Existing(existing),
+                    None => {
+                        blobs
+                            .insert(digest, (record.size, record.key.as_str()))
+                            .map_err(ctx("insert blob"))?;
+                        Linked::New
+                    }
+                };
+                drop(blobs);
+                link(txn, repo, digest)?;
+                Ok(Outcome::Commit(linked))
+            })
+            .await;
+        self.claims().remove(&claim);
+        linked
     }
 
     // ---- bucket journal ----
@@ -1161,6 +1278,7 @@ mod tests {
             hasher: vec![1, 2, 3, 4],
             created: updated.saturating_sub(10),
             updated,
+            writer: None,
         }
     }
 
@@ -1669,6 +1787,42 @@ mod tests {
 
         // A second writer on the same file is refused while the first is open.
         assert!(RedbStore::open(&path).is_err());
+    }
+
+    #[tokio::test]
+    async fn claims_exclude_other_holders_and_fence_saves() {
+        let (_dir, s) = store();
+        let ttl = Duration::from_secs(60);
+        let name = upload_claim("up");
+        s.create_upload(&session("up", 1)).await.unwrap();
+        assert!(s.claim(&name, "w1", ttl).await.unwrap());
+        assert!(s.claim(&name, "w1", ttl).await.unwrap(), "renewal");
+        assert!(!s.claim(&name, "w2", ttl).await.unwrap());
+
+        let mut by_w1 = session("up", 2);
+        by_w1.writer = Some("w1".into());
+        s.save_upload(&by_w1, PendingChange::default())
+            .await
+            .unwrap();
+        let mut by_w2 = session("up", 3);
+        by_w2.writer = Some("w2".into());
+        let err = s.save_upload(&by_w2, PendingChange::default()).await;
+        assert!(matches!(err, Err(MetaError::Unavailable(_))), "{err:?}");
+        assert_eq!(s.upload("up").await.unwrap().unwrap().updated, 2);
+
+        // Another holder's release changes nothing; the holder's own frees it.
+        s.release(&name, "w2").await.unwrap();
+        assert!(!s.claim(&name, "w2", ttl).await.unwrap());
+        s.release(&name, "w1").await.unwrap();
+        assert!(s.claim(&name, "w2", ttl).await.unwrap());
+        // An expired claim passes to the next claimer.
+        assert!(s.claim("task", "n1", Duration::ZERO).await.unwrap());
+        assert!(s.claim("task", "n2", ttl).await.unwrap());
+        // Finishing the upload ends its claim.
+        s.finish_upload("up", "r", &digest(1), blob("k", 1))
+            .await
+            .unwrap();
+        assert!(s.claim(&name, "w3", ttl).await.unwrap());
     }
 
     #[tokio::test]

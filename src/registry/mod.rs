@@ -58,8 +58,6 @@ pub struct Registry {
     pub settings: RegistrySettings,
     /// Pull-through mirrors (none unless configured).
     pub mirrors: crate::mirror::Mirrors,
-    /// Upload sessions a request is writing right now (one writer per session).
-    busy_uploads: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// How to serve a blob GET.
@@ -81,7 +79,6 @@ impl Registry {
             store,
             settings,
             mirrors: Default::default(),
-            busy_uploads: Default::default(),
         }
     }
 
