@@ -234,11 +234,15 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
     };
     server.add_service(http);
     let collector = crate::gc::command::collector_for(&registry, &config);
+    // One claim holder name per process, for every background task.
+    let node = uuid::Uuid::new_v4().to_string();
     if let Some(every) = config.gc.interval {
         server.add_service(background_service(
             "garbage collection",
             GcLoop {
                 collector: collector.clone(),
+                registry: registry.clone(),
+                node: node.clone(),
                 every,
             },
         ));
@@ -273,10 +277,7 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
     }
     server.add_service(background_service(
         "upload expiry",
-        UploadExpiry {
-            registry,
-            node: uuid::Uuid::new_v4().to_string(),
-        },
+        UploadExpiry { registry, node },
     ));
     log::info!(
         "berth {} listening on {}{}",
@@ -295,11 +296,18 @@ fn fail_start(e: &str) -> ! {
     std::process::exit(1)
 }
 
-/// Runs a garbage-collection pass every `gc.interval`.
+/// Runs a garbage-collection pass every `gc.interval`, on one node at a time: the node holding
+/// the claim [`GC_PASS`] (several collectors would be safe, every decision being one
+/// transaction, but would only compete for the same rows).
 struct GcLoop {
     collector: Arc<crate::gc::Collector>,
+    registry: Arc<Registry>,
+    /// This node's claim holder name.
+    node: String,
     every: Duration,
 }
+
+const GC_PASS: &str = "task:gc";
 
 #[async_trait]
 impl BackgroundService for GcLoop {
@@ -310,6 +318,14 @@ impl BackgroundService for GcLoop {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tick.tick() => {
+                    match self.registry.meta.claim(GC_PASS, &self.node, self.every * 3).await {
+                        Ok(true) => {}
+                        Ok(false) => continue, // another node's turn
+                        Err(e) => {
+                            log::warn!("gc: {e}");
+                            continue;
+                        }
+                    }
                     if let Err(e) = self.collector.run(crate::gc::GcOptions::default()).await {
                         log::warn!("gc: {e}");
                     }

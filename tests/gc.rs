@@ -215,19 +215,19 @@ fn deleted_image_frees_unique_blobs_keeps_shared_and_leaves_catalog() {
     push_ok(&b, &c, "app/a", "v1", &a);
     push_ok(&b, &c, "app/b", "v1", &other);
     // shared, a's layer and config, b's layer and config.
-    assert_eq!(s3.object_files().len(), 5);
+    assert_eq!(s3.data_files().len(), 5);
 
     // Nothing is garbage yet: a pass deletes nothing.
     outlast_grace();
     let r = gc(&b, &[]);
     assert_eq!(count(&r, "blobs"), 0, "{r}");
-    assert_eq!(s3.object_files().len(), 5);
+    assert_eq!(s3.data_files().len(), 5);
 
     delete_manifest(&b, &c, "app/a", &a.digest());
     // Within the grace a pass leaves the freed blobs alone.
     let r = gc(&b, &[]);
     assert_eq!(count(&r, "blobs"), 0, "{r}");
-    assert_eq!(s3.object_files().len(), 5);
+    assert_eq!(s3.data_files().len(), 5);
 
     outlast_grace();
     let r = gc(&b, &[]);
@@ -237,7 +237,7 @@ fn deleted_image_frees_unique_blobs_keeps_shared_and_leaves_catalog() {
         (2000 + a.config.len()) as u64
     );
     assert_eq!(count(&r, "repositories"), 1, "{r}");
-    assert_eq!(s3.object_files().len(), 3, "unique layer and config gone");
+    assert_eq!(s3.data_files().len(), 3, "unique layer and config gone");
     assert_pulls(&b, &c, "app/b", "v1", &other);
     for blob in a.blobs() {
         let url = b.url(&format!("/v2/app/a/blobs/{}", sha256_digest(blob)));
@@ -262,7 +262,7 @@ fn deleted_image_frees_unique_blobs_keeps_shared_and_leaves_catalog() {
     // The repository can be pushed to again, the shared layer re-uploaded from scratch.
     push_ok(&b, &c, "app/a", "v2", &a);
     assert_pulls(&b, &c, "app/a", "v2", &a);
-    assert_eq!(s3.object_files().len(), 5);
+    assert_eq!(s3.data_files().len(), 5);
 }
 
 #[test]
@@ -282,12 +282,12 @@ fn dry_run_deletes_nothing_then_stopped_berth_collects_offline() {
     assert_eq!(r.status(), 202);
     outlast_grace();
 
-    let before = s3.object_files().len();
+    let before = s3.data_files().len();
     let r = gc(&b, &["--dry-run", "--full", "--orphans"]);
     assert_eq!(r["dry_run"], true);
     assert_eq!(count(&r, "manifests"), 1, "{r}");
     assert_eq!(count(&r, "blobs"), 0, "{r}");
-    assert_eq!(s3.object_files().len(), before);
+    assert_eq!(s3.data_files().len(), before);
     let url = b.url(&format!("/v2/dry/run/manifests/{}", img.digest()));
     assert_eq!(status(&c, &url), 200, "a dry run deleted the manifest");
 
@@ -300,13 +300,13 @@ fn dry_run_deletes_nothing_then_stopped_berth_collects_offline() {
     outlast_grace();
     let r = gc(&b, &["--dry-run"]);
     assert_eq!(count(&r, "blobs"), 3, "{r}");
-    assert_eq!(s3.object_files().len(), before);
+    assert_eq!(s3.data_files().len(), before);
 
     // berth stopped: the command opens the redb file itself.
     b.kill();
     let r = gc(&b, &[]);
     assert_eq!(count(&r, "blobs"), 3, "{r}");
-    assert_eq!(s3.object_files().len(), before - 3);
+    assert_eq!(s3.data_files().len(), before - 3);
     b.start_again();
     assert_pulls(&b, &c, "dry/run", "kept", &kept);
     assert_eq!(catalog(&b, &c), vec!["dry/run"]);
@@ -392,7 +392,7 @@ fn collector_during_concurrent_pushes_and_deletes_loses_nothing() {
         .filter(|o| !o.3)
         .flat_map(|o| o.2.blobs().map(|b| sha256_digest(b)).collect::<Vec<_>>())
         .collect();
-    let files = s3.object_files().len();
+    let files = s3.data_files().len();
     assert_eq!(
         files,
         live.len(),
@@ -486,7 +486,7 @@ fn orphans_after_kill_mid_upload_and_session_expiry() {
     let c = client();
     let img = Image::new(11, vec![bytes(110, 1000)]);
     push_ok(&b, &c, "orph/app", "v1", &img);
-    let baseline: BTreeSet<_> = s3.object_files().into_iter().collect();
+    let baseline: BTreeSet<_> = s3.data_files().into_iter().collect();
 
     // An upload that crosses a part boundary (a multipart upload with one part stored), then
     // berth is killed with SIGKILL in the middle of it.
@@ -520,7 +520,7 @@ fn orphans_after_kill_mid_upload_and_session_expiry() {
     // s3s-fs cannot list multipart uploads: said, not failed.
     let notes = r["notes"].to_string();
     assert!(notes.contains("multipart"), "{r}");
-    let now: BTreeSet<_> = s3.object_files().into_iter().collect();
+    let now: BTreeSet<_> = s3.data_files().into_iter().collect();
     assert_eq!(
         now, baseline,
         "the bucket holds exactly the image's objects again"
@@ -543,7 +543,7 @@ fn write_object(s3: &S3Server, key: &str, body: &'static [u8]) -> std::path::Pat
         berth::storage::ObjectBody::Bytes(bytes::Bytes::from_static(body)),
     ))
     .unwrap();
-    let before = s3.object_files();
+    let before = s3.data_files();
     let path = before
         .into_iter()
         .find(|p| p.to_string_lossy().ends_with(key))

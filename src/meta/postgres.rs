@@ -573,13 +573,13 @@ async fn remove_manifest(
             what,
             concat!(
                 "INSERT INTO gc_queue (kind, repo, digest, since)
-                 SELECT 0, '', f, ",
+                 SELECT 0, ''::text, f, ",
                 now_secs!(),
                 " FROM unnest($2::text[]) f
                    WHERE NOT EXISTS (SELECT 1 FROM manifest_references WHERE repo = $1 AND reference = f)
                      AND EXISTS (SELECT 1 FROM blobs WHERE digest = f)
                  UNION ALL
-                 SELECT 1, $1, f, ",
+                 SELECT 1, $1::text, f, ",
                 now_secs!(),
                 " FROM unnest($2::text[]) f
                    WHERE NOT EXISTS (SELECT 1 FROM manifest_references WHERE repo = $1 AND reference = f)
@@ -991,7 +991,7 @@ impl MetaStore for PgStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let limit = to_i64("tags limit", limit as u64)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self
             .query(
                 "tags",
@@ -1007,7 +1007,7 @@ impl MetaStore for PgStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let limit = to_i64("repositories limit", limit as u64)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self
             .query(
                 "repositories",
@@ -1273,7 +1273,7 @@ impl MetaStore for PgStore {
             return Ok(Vec::new());
         }
         let cutoff = i64::try_from(cutoff).unwrap_or(i64::MAX);
-        let limit = to_i64("gc_candidates limit", limit as u64)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self
             .query(
                 "gc_candidates",
@@ -1481,7 +1481,7 @@ impl MetaStore for PgStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let limit = to_i64("blobs limit", limit as u64)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let after = after.map(Digest::as_str);
         let rows = self
             .query(
@@ -1516,7 +1516,7 @@ impl MetaStore for PgStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let limit = to_i64("repo_manifests limit", limit as u64)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let after = after.map(Digest::as_str);
         let rows = self
             .query(
@@ -1540,7 +1540,7 @@ impl MetaStore for PgStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let limit = to_i64("tag_details limit", limit as u64)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self
             .query(
                 "tag_details",

@@ -83,6 +83,18 @@ impl S3Server {
         walk(&self.root.path().join(S3_BUCKET), &mut out);
         out
     }
+
+    /// [`S3Server::object_files`] without the bucket journal's records (`journal/`): the blob
+    /// bytes and upload parts, for asserting what garbage collection deleted.
+    pub fn data_files(&self) -> Vec<PathBuf> {
+        let bucket = self.root.path().join(S3_BUCKET);
+        let mut out = self.object_files();
+        out.retain(|p| {
+            !p.strip_prefix(&bucket)
+                .is_ok_and(|rel| rel.components().any(|c| c.as_os_str() == "journal"))
+        });
+        out
+    }
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
