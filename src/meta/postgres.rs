@@ -1363,7 +1363,7 @@ impl MetaStore for PgStore {
         )
         .await?
         .map(|r| r.get(0));
-        if !since.is_some_and(|since| since <= cutoff) {
+        if since.is_none_or(|since| since > cutoff) {
             // Touched within the grace (an upload, a mount, an unlink), or not queued.
             tx.rollback().await.map_err(db(WHAT))?;
             return Ok(BlobCollection::default());
@@ -1435,7 +1435,7 @@ impl MetaStore for PgStore {
         )
         .await?
         .map(|r| r.get(0));
-        if !since.is_some_and(|since| since <= cutoff) {
+        if since.is_none_or(|since| since > cutoff) {
             tx.rollback().await.map_err(db(WHAT))?;
             return Ok(None);
         }
