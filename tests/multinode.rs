@@ -503,13 +503,14 @@ fn migrations_fresh_up_to_date_and_newer_refused() {
 
     let (ok, out) = berth_command(&["migrate", "--config", config], &env);
     assert!(ok, "{out}");
-    assert!(out.contains("schema version 0 -> 1"), "{out}");
+    assert!(out.contains("schema version 0 -> 2"), "{out}");
     let tables = pg.sql(
         &db,
         "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename IN \
-         ('blobs','repo_blobs','manifests','tags','referrers','repositories','uploads','upload_pending','claims')",
+         ('blobs','repo_blobs','manifests','tags','referrers','repositories','uploads','upload_pending','claims',\
+          'manifest_references','gc_queue','journal_watermark')",
     );
-    assert_eq!(tables, "9");
+    assert_eq!(tables, "12");
     let (ok, out) = berth_command(&["migrate", "--config", config], &env);
     assert!(ok, "{out}");
     assert!(out.contains("up to date"), "{out}");
@@ -522,7 +523,7 @@ fn migrations_fresh_up_to_date_and_newer_refused() {
     let (ok, out) = berth_command(&["migrate", "--config", config], &env);
     assert!(!ok);
     assert!(
-        out.contains("schema is version 99, newer than this berth knows (1)"),
+        out.contains("schema is version 99, newer than this berth knows (2)"),
         "{out}"
     );
     let (status, log) =
