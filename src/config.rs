@@ -54,6 +54,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub journal: JournalConfig,
     pub gc: GcConfig,
+    pub metadata: MetadataConfig,
     /// Pull-through mirrors (`proxy:`), most specific prefix first at lookup.
     pub proxy: Vec<MirrorConfig>,
 }
@@ -79,6 +80,44 @@ impl fmt::Debug for MirrorConfig {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("ttl", &self.ttl)
+            .finish()
+    }
+}
+
+/// `metadata:`: where registry metadata lives.
+#[derive(Debug, Clone, Default)]
+pub enum MetadataConfig {
+    /// `backend: redb`: `<data_dir>/meta.redb`, one node.
+    #[default]
+    Redb,
+    /// `backend: postgres`: one database shared by every node.
+    Postgres(PostgresConfig),
+}
+
+#[derive(Clone)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/db?sslmode=...` (or libpq's `key=value` form).
+    pub url: String,
+    /// Connections this node keeps at most.
+    pub max_connections: usize,
+    /// The server cancels a statement running longer (PostgreSQL's `statement_timeout`).
+    pub statement_timeout: Duration,
+    /// Connecting, or waiting for a free pooled connection, longer than this fails the call
+    /// with 503.
+    pub connect_timeout: Duration,
+    /// PEM CA bundle that replaces the system roots for verifying the server's certificate.
+    pub ca_bundle: Option<PathBuf>,
+}
+
+// Hand-written so the password in the URL never reaches a log line.
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact_password(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("ca_bundle", &self.ca_bundle)
             .finish()
     }
 }
@@ -150,6 +189,41 @@ pub struct RetentionRule {
     pub older_than: Option<Duration>,
     /// Tags matching this are never deleted (wins over everything).
     pub keep: Option<regex::Regex>,
+}
+
+/// The connection string with its password replaced by `<redacted>`, in either form
+/// (`scheme://user:password@host` or `password=...`).
+pub fn redact_password(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        if let Some((userinfo, host)) = authority.rsplit_once('@') {
+            if let Some((user, _)) = userinfo.split_once(':') {
+                return format!("{scheme}://{user}:<redacted>@{host}{tail}");
+            }
+        }
+        // A password may also be a query parameter.
+        return match tail.split_once('?') {
+            Some((path, query)) => {
+                let query: Vec<String> = query
+                    .split('&')
+                    .map(|kv| match kv.split_once('=') {
+                        Some(("password", _)) => "password=<redacted>".to_string(),
+                        _ => kv.to_string(),
+                    })
+                    .collect();
+                format!("{scheme}://{authority}{path}?{}", query.join("&"))
+            }
+            None => url.to_string(),
+        };
+    }
+    url.split_whitespace()
+        .map(|kv| match kv.split_once('=') {
+            Some(("password", _)) => "password=<redacted>".to_string(),
+            _ => kv.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `tls:`: the registry listener speaks HTTPS (HTTP/1.1 and HTTP/2 via ALPN).
@@ -308,6 +382,8 @@ struct RawConfig {
     journal: RawJournal,
     #[serde(default)]
     gc: RawGc,
+    #[serde(default)]
+    metadata: RawMetadata,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -318,6 +394,13 @@ struct RawMirror {
     username: Option<serde_yaml::Value>,
     password: Option<serde_yaml::Value>,
     ttl: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetadata {
+    backend: Option<serde_yaml::Value>,
+    postgres: Option<RawPostgres>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -346,6 +429,16 @@ struct RawRetention {
     keep_last: Option<serde_yaml::Value>,
     older_than: Option<serde_yaml::Value>,
     keep: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    url: Option<serde_yaml::Value>,
+    max_connections: Option<serde_yaml::Value>,
+    statement_timeout: Option<serde_yaml::Value>,
+    connect_timeout: Option<serde_yaml::Value>,
+    ca_bundle: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -641,6 +734,7 @@ impl Config {
             proxy: proxy_config(&r, raw.proxy)?,
             journal: journal_config(&r, raw.journal)?,
             gc: gc_config(&r, raw.gc)?,
+            metadata: metadata_config(&r, raw.metadata)?,
         })
     }
 }
@@ -754,6 +848,65 @@ fn journal_config(r: &Resolver, raw: RawJournal) -> Result<JournalConfig, Config
         enabled: r.bool("journal.enabled", raw.enabled)?.unwrap_or(d.enabled),
         rebuild_concurrency,
     })
+}
+
+fn metadata_config(r: &Resolver, m: RawMetadata) -> Result<MetadataConfig, ConfigError> {
+    let backend = r.string("metadata.backend", m.backend)?;
+    match backend.as_deref() {
+        None | Some("redb") => {
+            if m.postgres.is_some() {
+                return Err(ConfigError::new(
+                    "metadata.postgres",
+                    "set metadata.backend: postgres to use it",
+                ));
+            }
+            Ok(MetadataConfig::Redb)
+        }
+        Some("postgres") => {
+            let p = m.postgres.unwrap_or_default();
+            let url = required(
+                "metadata.postgres.url",
+                r.string("metadata.postgres.url", p.url)?,
+            )?;
+            let max_connections =
+                match r.string("metadata.postgres.max_connections", p.max_connections)? {
+                    Some(n) => n.parse::<usize>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                        ConfigError::new(
+                            "metadata.postgres.max_connections",
+                            "expected a whole number >= 1",
+                        )
+                    })?,
+                    None => 16,
+                };
+            let statement_timeout = r
+                .duration("metadata.postgres.statement_timeout", p.statement_timeout)?
+                .unwrap_or(Duration::from_secs(10));
+            let connect_timeout = r
+                .duration("metadata.postgres.connect_timeout", p.connect_timeout)?
+                .unwrap_or(Duration::from_secs(5));
+            for (key, d) in [
+                ("metadata.postgres.statement_timeout", statement_timeout),
+                ("metadata.postgres.connect_timeout", connect_timeout),
+            ] {
+                if d < Duration::from_millis(1) {
+                    return Err(ConfigError::new(key, "must be at least 1ms"));
+                }
+            }
+            Ok(MetadataConfig::Postgres(PostgresConfig {
+                url,
+                max_connections,
+                statement_timeout,
+                connect_timeout,
+                ca_bundle: r
+                    .string("metadata.postgres.ca_bundle", p.ca_bundle)?
+                    .map(PathBuf::from),
+            }))
+        }
+        Some(other) => Err(ConfigError::new(
+            "metadata.backend",
+            format!("expected redb or postgres, got {other:?}"),
+        )),
+    }
 }
 
 fn required(key: &str, v: Option<String>) -> Result<String, ConfigError> {
@@ -1384,6 +1537,70 @@ mod tests {
         for (yaml, key) in cases {
             let err = Config::from_yaml(yaml, &Overrides::default(), &no_env).unwrap_err();
             assert_eq!(err.key, key, "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn metadata_section() {
+        let c = Config::from_yaml("", &Overrides::default(), &no_env).unwrap();
+        assert!(matches!(c.metadata, MetadataConfig::Redb));
+        let yaml = "metadata:\n  backend: postgres\n  postgres:\n    url: _env:PGURL\n    max_connections: 4\n    statement_timeout: 2s\n    ca_bundle: /ca.pem\n";
+        let env = |n: &str| {
+            (n == "PGURL")
+                .then(|| "postgres://berth:s3cret@db:5432/berth?sslmode=verify-full".into())
+        };
+        let c = Config::from_yaml(yaml, &Overrides::default(), &env).unwrap();
+        let MetadataConfig::Postgres(p) = &c.metadata else {
+            panic!("{:?}", c.metadata)
+        };
+        assert_eq!(
+            p.url,
+            "postgres://berth:s3cret@db:5432/berth?sslmode=verify-full"
+        );
+        assert_eq!(p.max_connections, 4);
+        assert_eq!(p.statement_timeout, Duration::from_secs(2));
+        assert_eq!(p.connect_timeout, Duration::from_secs(5));
+        assert_eq!(p.ca_bundle.as_deref(), Some(Path::new("/ca.pem")));
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(debug.contains("postgres://berth:<redacted>@db:5432/berth?sslmode=verify-full"));
+
+        for (yaml, key) in [
+            ("metadata:\n  backend: mysql\n", "metadata.backend"),
+            ("metadata:\n  backend: postgres\n", "metadata.postgres.url"),
+            (
+                "metadata:\n  backend: postgres\n  postgres:\n    url: x\n    max_connections: 0\n",
+                "metadata.postgres.max_connections",
+            ),
+            (
+                "metadata:\n  postgres:\n    url: postgres://h/db\n",
+                "metadata.postgres",
+            ),
+        ] {
+            let err = Config::from_yaml(yaml, &Overrides::default(), &no_env).unwrap_err();
+            assert_eq!(err.key, key, "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_redacted_in_both_url_forms() {
+        for (url, want) in [
+            ("postgres://u:p@h/db", "postgres://u:<redacted>@h/db"),
+            (
+                "postgresql://u:p%40ss@h:5/db?sslmode=require",
+                "postgresql://u:<redacted>@h:5/db?sslmode=require",
+            ),
+            (
+                "postgres://u@h/db?password=p&sslmode=require",
+                "postgres://u@h/db?password=<redacted>&sslmode=require",
+            ),
+            (
+                "host=h user=u password=p dbname=d",
+                "host=h user=u password=<redacted> dbname=d",
+            ),
+            ("postgres://h/db", "postgres://h/db"),
+        ] {
+            assert_eq!(redact_password(url), want);
         }
     }
 

@@ -90,6 +90,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Bring the PostgreSQL metadata schema up to date (`metadata.backend: postgres`) and
+    /// exit, without serving. `serve` does the same at start.
+    Migrate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Metadata maintenance.
+    Metadata {
+        #[command(subcommand)]
+        command: MetadataCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum MetadataCommand {
+    /// Copy every repository, tag, manifest, blob record, referrer and open upload session
+    /// from a redb file to a PostgreSQL database (moving from one node to many). Stop the
+    /// berth that uses the redb file first. Running it again is harmless.
+    Copy {
+        /// `redb:PATH` (e.g. redb:/var/lib/berth/meta.redb).
+        #[arg(long)]
+        from: String,
+        /// `postgres:URL` (e.g. postgres:postgres://berth@db/berth); `_env:NAME` reads the URL
+        /// from the environment.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -170,6 +197,23 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Migrate { config } => {
+            let config = match Config::load(Some(&config), &Overrides::default()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("berth: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(&config.log_level);
+            report(berth::meta::postgres::migrate_command(&config))
+        }
+        Command::Metadata {
+            command: MetadataCommand::Copy { from, to },
+        } => {
+            init_logging("info");
+            report(berth::meta::copy::copy_command(&from, &to))
+        }
         Command::Serve {
             config,
             listen,
@@ -212,6 +256,20 @@ fn load_tool_config(
     init_logging(&config.log_level);
     let _ = rustls::crypto::ring::default_provider().install_default();
     Ok(config)
+}
+
+/// A maintenance command's outcome: its summary on stdout, or its error and exit status 1.
+fn report(outcome: Result<String, String>) -> ExitCode {
+    match outcome {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("berth: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// `RUST_LOG` wins over the config's `log_level`.

@@ -8,11 +8,15 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 use crate::http::endpoint::ROUTES;
+use crate::meta::postgres::PoolStatus;
 
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
     let r = Registry::new();
@@ -450,6 +454,70 @@ pub static GC: LazyLock<GcMetrics> = LazyLock::new(|| {
         ),
     }
 });
+
+/// The metadata store's connection pool (PostgreSQL), read from the pool at each scrape: no
+/// cost per call.
+struct PoolCollector {
+    status: Box<dyn Fn() -> PoolStatus + Send + Sync>,
+    connections: IntGaugeVec,
+    waiting: IntGauge,
+    max: IntGauge,
+}
+
+impl Collector for PoolCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut d = self.connections.desc();
+        d.extend(self.waiting.desc());
+        d.extend(self.max.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let s = (self.status)();
+        self.connections
+            .with_label_values(&["in_use"])
+            .set(s.in_use as i64);
+        self.connections
+            .with_label_values(&["idle"])
+            .set(s.idle as i64);
+        self.waiting.set(s.waiting as i64);
+        self.max.set(s.max as i64);
+        let mut families = self.connections.collect();
+        families.extend(self.waiting.collect());
+        families.extend(self.max.collect());
+        families
+    }
+}
+
+/// Exports `berth_metadata_pool_connections{state="in_use"|"idle"}`,
+/// `berth_metadata_pool_waiting` and `berth_metadata_pool_max_connections`, read from
+/// `status` at each scrape. Once per process.
+pub fn register_metadata_pool(status: impl Fn() -> PoolStatus + Send + Sync + 'static) {
+    let collector = PoolCollector {
+        status: Box::new(status),
+        connections: IntGaugeVec::new(
+            Opts::new(
+                "berth_metadata_pool_connections",
+                "Connections to the metadata database, by state (in_use, idle).",
+            ),
+            &["state"],
+        )
+        .expect("metric"),
+        waiting: IntGauge::new(
+            "berth_metadata_pool_waiting",
+            "Metadata calls waiting for a free database connection.",
+        )
+        .expect("metric"),
+        max: IntGauge::new(
+            "berth_metadata_pool_max_connections",
+            "Connections this node opens to the metadata database at most.",
+        )
+        .expect("metric"),
+    };
+    REGISTRY
+        .register(Box::new(collector))
+        .expect("register the metadata pool metrics once");
+}
 
 /// Touches every metric so that all series exist from the start (a scrape right after start
 /// shows zeros rather than nothing).

@@ -12,12 +12,14 @@ use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 
 use crate::config::Config;
+use crate::config::MetadataConfig;
 use crate::http::access_log::AccessLog;
 use crate::http::drain::{Drain, InFlight};
 use crate::http::ops::{OpsApp, Readiness, ReadinessProbe};
 use crate::http::service::BerthService;
 use crate::meta::instrumented::Instrumented;
 use crate::meta::journal::{self, Journal, Journaled, LogProgress, Replayer};
+use crate::meta::postgres::PgStore;
 use crate::meta::redb::RedbStore;
 use crate::meta::MetaStore;
 use crate::mirror::Mirrors;
@@ -48,30 +50,95 @@ pub enum StartError {
 /// metadata store up to date with the bucket journal.
 pub fn prepare(config: Config) -> Result<(Config, Arc<Registry>), StartError> {
     prepare_data_dir(&config)?;
-    // First the metadata store: its lock stops a second berth on the same data directory
+    // First the metadata store: redb's lock stops a second berth on the same data directory
     // here, before it touches the embedded store's files.
-    let meta = RedbStore::open(&config.data_dir.join("meta.redb"))?;
-    let (config, rt, probe, embedded_root) = reach_storage(config, &meta)?;
+    let backend = match &config.metadata {
+        MetadataConfig::Redb => Backend::Redb(RedbStore::open(&config.data_dir.join("meta.redb"))?),
+        MetadataConfig::Postgres(pg) => Backend::Postgres(connect_postgres(pg)?),
+    };
+    let (config, rt, probe, embedded_root) = reach_storage(config, backend.meta())?;
     let mut store = ObjectStore::new(&config.storage)?;
     if let Some(root) = embedded_root {
         store = store.with_embedded_root(root);
     }
     let store = Arc::new(store);
-    let meta: Arc<dyn MetaStore> = if config.journal.enabled {
-        rt.block_on(bring_up_to_date(&meta, &probe, &config))?;
-        let journal = Arc::new(Journal::new(store.clone()));
-        Arc::new(Instrumented::new(Journaled::new(meta, journal)))
+    if config.journal.enabled {
+        rt.block_on(bring_up_to_date(&backend, &probe, &config))?;
     } else {
-        log::warn!(
-            "journal.enabled is false: metadata is only in {}, the bucket cannot rebuild it",
-            config.data_dir.display()
-        );
-        Arc::new(Instrumented::new(meta))
-    };
+        log::warn!("journal.enabled is false: the bucket cannot rebuild the metadata store");
+    }
     drop(rt);
+    let meta = backend.into_registry_meta(&config, &store);
     let registry = Registry::new(meta, store, RegistrySettings::from_config(&config))
         .with_mirrors(Mirrors::from_config(&config.proxy).map_err(StartError::Mirror)?);
     Ok((config, Arc::new(registry)))
+}
+
+/// The metadata backend the config names, opened.
+enum Backend {
+    Redb(RedbStore),
+    Postgres(PgStore),
+}
+
+impl Backend {
+    fn meta(&self) -> &dyn MetaStore {
+        match self {
+            Backend::Redb(m) => m,
+            Backend::Postgres(m) => m,
+        }
+    }
+
+    /// The backend as the registry sees it: timed, and journaled unless `journal.enabled`
+    /// is off.
+    /// Replaying the bucket journal: GC touches keep queued times.
+    fn set_replaying(&self, on: bool) {
+        match self {
+            Backend::Redb(m) => m.set_replaying(on),
+            Backend::Postgres(m) => m.set_replaying(on),
+        }
+    }
+
+    fn into_registry_meta(self, config: &Config, store: &Arc<ObjectStore>) -> Arc<dyn MetaStore> {
+        fn wrap<M: MetaStore>(
+            meta: M,
+            config: &Config,
+            store: &Arc<ObjectStore>,
+        ) -> Arc<dyn MetaStore> {
+            if config.journal.enabled {
+                let journal = Arc::new(Journal::new(store.clone()));
+                Arc::new(Instrumented::new(Journaled::new(meta, journal)))
+            } else {
+                Arc::new(Instrumented::new(meta))
+            }
+        }
+        match self {
+            Backend::Redb(m) => wrap(m, config, store),
+            Backend::Postgres(m) => wrap(m, config, store),
+        }
+    }
+}
+
+/// Migrates the schema (nodes starting together take turns) and opens the pool, on a
+/// throwaway runtime before serving.
+fn connect_postgres(pg: &crate::config::PostgresConfig) -> Result<PgStore, StartError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Embedded)?;
+    let migrated = rt.block_on(crate::meta::postgres::migrate(pg))?;
+    log::info!(
+        "metadata: PostgreSQL, schema version {}{}",
+        crate::meta::postgres::SCHEMA_VERSION,
+        if migrated.applied.is_empty() {
+            " (up to date)"
+        } else {
+            ""
+        }
+    );
+    let store = PgStore::connect(pg)?;
+    let pool = store.clone();
+    crate::metrics::register_metadata_pool(move || pool.pool_status());
+    Ok(store)
 }
 
 /// Creates the data directory and proves it writable (a clear error at start, not at the
@@ -94,7 +161,7 @@ pub fn prepare_data_dir(config: &Config) -> Result<(), StartError> {
 #[allow(clippy::type_complexity)]
 pub fn reach_storage(
     mut config: Config,
-    meta: &RedbStore,
+    meta: &dyn MetaStore,
 ) -> Result<
     (
         Config,
@@ -152,19 +219,24 @@ pub fn reach_storage(
 /// the bucket has records (and says so in the log); any other store replays the records
 /// from its watermark on, which repairs a crash between a record and its local commit.
 async fn bring_up_to_date(
-    meta: &RedbStore,
+    backend: &Backend,
     store: &ObjectStore,
     config: &Config,
 ) -> Result<(), StartError> {
+    let meta = backend.meta();
+    let redb = match backend {
+        Backend::Redb(r) => Some(r),
+        Backend::Postgres(_) => None,
+    };
     let replayer = Replayer {
         store,
         meta,
         concurrency: config.journal.rebuild_concurrency,
         progress: &LogProgress,
     };
-    meta.set_replaying(true);
-    let caught_up = catch_up(meta, &replayer, store, config).await;
-    meta.set_replaying(false);
+    backend.set_replaying(true);
+    let caught_up = catch_up(meta, redb, &replayer, store, config).await;
+    backend.set_replaying(false);
     caught_up?;
     // Nothing of this process is in flight before the server starts: every record so far is
     // applied. (Records other nodes are still committing are within CATCH_UP_MARGIN.)
@@ -173,8 +245,10 @@ async fn bring_up_to_date(
     Ok(())
 }
 
+/// `bulk`: a redb store, whose commits skip the fsync during a rebuild.
 async fn catch_up(
-    meta: &RedbStore,
+    meta: &dyn MetaStore,
+    bulk: Option<&RedbStore>,
     replayer: &Replayer<'_>,
     store: &ObjectStore,
     config: &Config,
@@ -189,15 +263,22 @@ async fn catch_up(
         None if journal::bucket_has_records(store).await? => {
             let fresh = journal::is_fresh(meta).await?;
             log::info!(
-                "journal: the metadata store at {} has no journal watermark{} and bucket {:?} \
+                "journal: the metadata store ({}) has no journal watermark{} and bucket {:?} \
                  has records: rebuilding it from the bucket",
-                config.data_dir.join("meta.redb").display(),
+                match &config.metadata {
+                    MetadataConfig::Redb => config.data_dir.join("meta.redb").display().to_string(),
+                    MetadataConfig::Postgres(_) => "PostgreSQL".to_string(),
+                },
                 if fresh { " (it is empty)" } else { "" },
                 store.bucket(),
             );
-            meta.begin_bulk();
+            if let Some(redb) = bulk {
+                redb.begin_bulk();
+            }
             let stats = replayer.rebuild().await;
-            meta.end_bulk().await?;
+            if let Some(redb) = bulk {
+                redb.end_bulk().await?;
+            }
             log::info!(
                 "journal: metadata store rebuilt from the bucket: {}",
                 stats?
@@ -265,11 +346,15 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
     };
     server.add_service(http);
     let collector = crate::gc::command::collector_for(&registry, &config);
+    // One claim holder name per process, for every background task.
+    let node = uuid::Uuid::new_v4().to_string();
     if let Some(every) = config.gc.interval {
         server.add_service(background_service(
             "garbage collection",
             GcLoop {
                 collector: collector.clone(),
+                registry: registry.clone(),
+                node: node.clone(),
                 every,
             },
         ));
@@ -304,7 +389,7 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
     }
     server.add_service(background_service(
         "upload expiry",
-        UploadExpiry { registry },
+        UploadExpiry { registry, node },
     ));
     server.add_service(background_service(
         "shutdown drain",
@@ -331,11 +416,18 @@ fn fail_start(e: &str) -> ! {
     std::process::exit(1)
 }
 
-/// Runs a garbage-collection pass every `gc.interval`.
+/// Runs a garbage-collection pass every `gc.interval`, on one node at a time: the node holding
+/// the claim [`GC_PASS`] (several collectors would be safe, every decision being one
+/// transaction, but would only compete for the same rows).
 struct GcLoop {
     collector: Arc<crate::gc::Collector>,
+    registry: Arc<Registry>,
+    /// This node's claim holder name.
+    node: String,
     every: Duration,
 }
+
+const GC_PASS: &str = "task:gc";
 
 #[async_trait]
 impl BackgroundService for GcLoop {
@@ -346,6 +438,14 @@ impl BackgroundService for GcLoop {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tick.tick() => {
+                    match self.registry.meta.claim(GC_PASS, &self.node, self.every * 3).await {
+                        Ok(true) => {}
+                        Ok(false) => continue, // another node's turn
+                        Err(e) => {
+                            log::warn!("gc: {e}");
+                            continue;
+                        }
+                    }
                     if let Err(e) = self.collector.run(crate::gc::GcOptions::default()).await {
                         log::warn!("gc: {e}");
                     }
@@ -355,10 +455,16 @@ impl BackgroundService for GcLoop {
     }
 }
 
-/// Aborts upload sessions idle past `upload.session_expiry`.
+/// Aborts upload sessions idle past `upload.session_expiry`, on one node at a time: the node
+/// holding the claim [`UPLOAD_EXPIRY`] (renewed every round; another node takes over when it
+/// lapses).
 struct UploadExpiry {
     registry: Arc<Registry>,
+    /// This node's claim holder name.
+    node: String,
 }
+
+const UPLOAD_EXPIRY: &str = "task:upload-expiry";
 
 #[async_trait]
 impl BackgroundService for UploadExpiry {
@@ -369,13 +475,24 @@ impl BackgroundService for UploadExpiry {
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = tick.tick() => match self.registry.expire_uploads().await {
-                    Ok(pass) if pass.expired > 0 => {
-                        log::info!("expired {} idle upload sessions", pass.expired)
+                _ = tick.tick() => {
+                    let meta = &self.registry.meta;
+                    match meta.claim(UPLOAD_EXPIRY, &self.node, every * 3).await {
+                        Ok(true) => {}
+                        Ok(false) => continue, // another node's turn
+                        Err(e) => {
+                            log::warn!("upload expiry: {e}");
+                            continue;
+                        }
                     }
-                    Ok(_) => {} // failures are logged per session
-                    Err(e) => log::warn!("upload expiry: listing idle sessions: {e:?}"),
-                },
+                    match self.registry.expire_uploads().await {
+                        Ok(pass) if pass.expired > 0 => {
+                            log::info!("expired {} idle upload sessions", pass.expired)
+                        }
+                        Ok(_) => {} // failures are logged per session
+                        Err(e) => log::warn!("upload expiry: listing idle sessions: {e:?}"),
+                    }
+                }
             }
         }
     }

@@ -2,6 +2,8 @@
 //! `berth_metadata_operation_duration_seconds{operation}`. Histogram handles are resolved once,
 //! at construction; any backend gets the metrics by being wrapped.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use prometheus::Histogram;
@@ -19,6 +21,8 @@ pub struct Instrumented<M> {
 }
 
 struct Timers {
+    claim: Histogram,
+    release: Histogram,
     blob: Histogram,
     repo_blob: Histogram,
     link_blob: Histogram,
@@ -56,6 +60,8 @@ struct Timers {
 impl<M: MetaStore> Instrumented<M> {
     pub fn new(inner: M) -> Self {
         let timers = Timers {
+            claim: META.op("claim"),
+            release: META.op("release"),
             blob: META.op("blob"),
             repo_blob: META.op("repo_blob"),
             link_blob: META.op("link_blob"),
@@ -95,6 +101,16 @@ impl<M: MetaStore> Instrumented<M> {
 
 #[async_trait]
 impl<M: MetaStore> MetaStore for Instrumented<M> {
+    async fn claim(&self, name: &str, holder: &str, ttl: Duration) -> MetaResult<bool> {
+        let _t = self.timers.claim.start_timer();
+        self.inner.claim(name, holder, ttl).await
+    }
+
+    async fn release(&self, name: &str, holder: &str) -> MetaResult<()> {
+        let _t = self.timers.release.start_timer();
+        self.inner.release(name, holder).await
+    }
+
     async fn blob(&self, digest: &Digest) -> MetaResult<Option<BlobRecord>> {
         let _t = self.timers.blob.start_timer();
         self.inner.blob(digest).await

@@ -392,6 +392,15 @@ impl<M: MetaStore> Journaled<M> {
 
 #[async_trait]
 impl<M: MetaStore> MetaStore for Journaled<M> {
+    // Claims coordinate live writers; they are not acknowledged state (not journaled).
+    async fn claim(&self, name: &str, holder: &str, ttl: Duration) -> MetaResult<bool> {
+        self.inner.claim(name, holder, ttl).await
+    }
+
+    async fn release(&self, name: &str, holder: &str) -> MetaResult<()> {
+        self.inner.release(name, holder).await
+    }
+
     async fn blob(&self, digest: &Digest) -> MetaResult<Option<BlobRecord>> {
         self.inner.blob(digest).await
     }

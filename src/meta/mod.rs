@@ -2,14 +2,19 @@
 //! referrers. Every metadata call the registry answers is served from here, never from the
 //! object store.
 //!
-//! [`MetaStore`] is the seam for other backends (PostgreSQL for multi-node deployments): the
-//! HTTP and registry layers only see this trait. [`redb::RedbStore`] is the embedded default.
+//! [`MetaStore`] is the seam between backends and the HTTP and registry layers, which only see
+//! this trait. [`redb::RedbStore`] is the embedded default for one node;
+//! [`postgres::PgStore`] lets many berth nodes share one database.
 //!
 //! Every method is one atomic transaction: a crash leaves either the old or the new state.
 
+pub mod copy;
 pub mod instrumented;
 pub mod journal;
+pub mod postgres;
 pub mod redb;
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -158,6 +163,16 @@ pub struct UploadSession {
     pub created: u64,
     /// Unix seconds of the last change (idle sessions expire from here).
     pub updated: u64,
+    /// The holder of the session's claim ([`upload_claim`]) this copy is written under: a save
+    /// is refused once that claim has passed to another writer, so two writers (on two nodes)
+    /// never both commit. None: unfenced. Not stored.
+    #[serde(skip)]
+    pub writer: Option<String>,
+}
+
+/// The claim name ([`MetaStore::claim`]) that makes one request the only writer of upload `id`.
+pub fn upload_claim(id: &str) -> String {
+    format!("upload:{id}")
 }
 
 /// What to do with a session's pending (not yet uploaded as a part) bytes when saving it.
@@ -181,6 +196,14 @@ pub enum Linked {
 
 #[async_trait]
 pub trait MetaStore: Send + Sync + 'static {
+    // ---- claims: one holder at a time, across every node sharing the store ----
+    /// Makes `holder` the only holder of `name` until `ttl` from now, or renews the claim it
+    /// already has. False if another holder's claim has not expired. Claims name an upload
+    /// session's writer ([`upload_claim`]) or the node running a background task.
+    async fn claim(&self, name: &str, holder: &str, ttl: Duration) -> MetaResult<bool>;
+    /// Ends `holder`'s claim on `name`, if it still has it.
+    async fn release(&self, name: &str, holder: &str) -> MetaResult<()>;
+
     // ---- blobs ----
     /// The global blob index, whatever repository links it.
     async fn blob(&self, digest: &Digest) -> MetaResult<Option<BlobRecord>>;
@@ -245,13 +268,15 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn upload(&self, id: &str) -> MetaResult<Option<UploadSession>>;
     /// Pending bytes of the session, concatenated in the order they were appended.
     async fn pending(&self, id: &str) -> MetaResult<Bytes>;
-    /// Saves the session and applies `pending` in the same transaction.
+    /// Saves the session and applies `pending` in the same transaction. With `session.writer`
+    /// set, fails with [`MetaError::Unavailable`] (the client may retry) unless that writer
+    /// still holds the session's claim.
     async fn save_upload(&self, session: &UploadSession, pending: PendingChange) -> MetaResult<()>;
-    /// Removes the session and its pending bytes. False if there was no such session.
+    /// Removes the session, its pending bytes and its claim. False if there was no such session.
     async fn delete_upload(&self, id: &str) -> MetaResult<bool>;
     /// Sessions whose `updated` is older than `cutoff` (unix seconds).
     async fn idle_uploads(&self, cutoff: u64) -> MetaResult<Vec<UploadSession>>;
-    /// Finishes an upload atomically: deletes the session and its pending bytes, adds
+    /// Finishes an upload atomically: deletes the session, its pending bytes and claim, adds
     /// `digest -> record` to the global index unless the digest is already there, and links
     /// the digest into `repo`.
     async fn finish_upload(

@@ -39,7 +39,13 @@
 //! on), and writes are then answered [`MetaError::Unavailable`] for [`WRITE_RETRY`] before
 //! the next one is tried. [`MetaStore::check_writable`] probes with a write of
 //! [`PROBE_BYTES`] meanwhile, so that the store heals, and says so, without client writes.
+//!
+//! # Claims
+//!
+//! redb lets one process open the file, so that process is every writer there is: claims
+//! ([`MetaStore::claim`]) live in its memory, not in the file, and end with it.
 
+use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,9 +62,9 @@ use bytes::Bytes;
 mod gc;
 
 use super::{
-    BlobCollection, BlobRecord, Candidate, CandidateKind, Linked, ManifestPut, ManifestRecord,
-    MetaError, MetaResult, MetaStore, PendingChange, QueuedCandidate, Referrer, TagInfo,
-    UploadSession,
+    upload_claim, BlobCollection, BlobRecord, Candidate, CandidateKind, Linked, ManifestPut,
+    ManifestRecord, MetaError, MetaResult, MetaStore, PendingChange, QueuedCandidate, Referrer,
+    TagInfo, UploadSession,
 };
 use crate::registry::names::Digest;
 use crate::registry::unix_now;
@@ -115,6 +121,8 @@ struct Inner {
     bulk: AtomicBool,
     /// Replaying the bucket journal: GC touches keep a candidate's queued time.
     replaying: AtomicBool,
+    /// Claim name -> (holder, expiry).
+    claims: Mutex<HashMap<String, (String, Instant)>>,
 }
 
 struct WriteFailure {
@@ -340,6 +348,7 @@ impl RedbStore {
                 reopened: Mutex::new(Instant::now()),
                 bulk: AtomicBool::new(false),
                 replaying: AtomicBool::new(false),
+                claims: Mutex::default(),
             }),
         })
     }
@@ -361,6 +370,88 @@ impl RedbStore {
         self.inner.bulk.store(false, Ordering::SeqCst);
         self.write("end bulk load", |_| Ok(Outcome::Commit(())))
             .await
+    }
+
+    /// Every row, read in one transaction (`berth metadata copy`).
+    pub fn export(&self) -> MetaResult<super::copy::Snapshot> {
+        let txn = self.read()?;
+        let mut out = super::copy::Snapshot::default();
+        let e = ctx("export");
+        for entry in rtable(&txn, REPOSITORIES)?.iter().map_err(e)? {
+            let (k, _) = entry.map_err(ctx("export repositories"))?;
+            out.repositories.push(k.value().to_owned());
+        }
+        for entry in rtable(&txn, BLOBS)?.iter().map_err(ctx("export"))? {
+            let (k, v) = entry.map_err(ctx("export blobs"))?;
+            let (size, key) = v.value();
+            out.blobs.push((
+                k.value().to_owned(),
+                BlobRecord {
+                    key: key.to_owned(),
+                    size,
+                },
+            ));
+        }
+        for entry in rtable(&txn, REPO_BLOBS)?.iter().map_err(ctx("export"))? {
+            let (k, _) = entry.map_err(ctx("export links"))?;
+            let (repo, digest) = k.value();
+            out.links.push((repo.to_owned(), digest.to_owned()));
+        }
+        for entry in rtable(&txn, MANIFESTS)?.iter().map_err(ctx("export"))? {
+            let (k, _) = entry.map_err(ctx("export manifests"))?;
+            let (repo, digest) = k.value();
+            let record = read_manifest(&txn, repo, digest)?
+                .ok_or_else(|| corrupt("manifests", "vanished during export"))?;
+            out.manifests
+                .push((repo.to_owned(), digest.to_owned(), record));
+        }
+        for entry in rtable(&txn, TAGS)?.iter().map_err(ctx("export"))? {
+            let (k, v) = entry.map_err(ctx("export tags"))?;
+            let (repo, tag) = k.value();
+            out.tags
+                .push((repo.to_owned(), tag.to_owned(), v.value().to_owned()));
+        }
+        for entry in rtable(&txn, REFERRERS)?.iter().map_err(ctx("export"))? {
+            let (k, v) = entry.map_err(ctx("export referrers"))?;
+            let (repo, subject, digest) = k.value();
+            out.referrers.push((
+                repo.to_owned(),
+                subject.to_owned(),
+                digest.to_owned(),
+                Bytes::copy_from_slice(v.value()),
+            ));
+        }
+        let pending = rtable(&txn, UPLOAD_PENDING)?;
+        for entry in rtable(&txn, UPLOADS)?.iter().map_err(ctx("export"))? {
+            let (_, v) = entry.map_err(ctx("export uploads"))?;
+            let session = decode_session(v.value())?;
+            let mut bytes = Vec::new();
+            for chunk in pending
+                .range((session.id.as_str(), 0u32)..=(session.id.as_str(), u32::MAX))
+                .map_err(ctx("export pending"))?
+            {
+                let (_, c) = chunk.map_err(ctx("export pending"))?;
+                bytes.extend_from_slice(c.value());
+            }
+            out.uploads.push((session, Bytes::from(bytes)));
+        }
+        Ok(out)
+    }
+
+    fn claims(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
+        // A panic while holding the map cannot leave it half-updated: every change is one
+        // insert or remove.
+        self.inner.claims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `session` may be saved: unfenced, or its writer still holds the claim.
+    fn may_save(&self, session: &UploadSession) -> bool {
+        let Some(writer) = &session.writer else {
+            return true;
+        };
+        self.claims()
+            .get(&upload_claim(&session.id))
+            .is_some_and(|(holder, until)| holder == writer && *until > Instant::now())
     }
 
     fn read(&self) -> MetaResult<ReadTransaction> {
@@ -515,6 +606,31 @@ where
 
 #[async_trait]
 impl MetaStore for RedbStore {
+    // ---- claims ----
+
+    async fn claim(&self, name: &str, holder: &str, ttl: Duration) -> MetaResult<bool> {
+        let now = Instant::now();
+        let mut claims = self.claims();
+        match claims.get_mut(name) {
+            Some((h, until)) if h != holder && *until > now => Ok(false),
+            Some((h, until)) if h == holder => {
+                *until = now + ttl;
+                Ok(true)
+            }
+            _ => {
+                claims.insert(name.to_owned(), (holder.to_owned(), now + ttl));
+                Ok(true)
+            }
+        }
+    }
+
+    async fn release(&self, name: &str, holder: &str) -> MetaResult<()> {
+        let mut claims = self.claims();
+        if claims.get(name).is_some_and(|(h, _)| h == holder) {
+            claims.remove(name);
+        }
+        Ok(())
+    }
     // ---- blobs ----
 
     async fn blob(&self, digest: &Digest) -> MetaResult<Option<BlobRecord>> {
@@ -584,13 +700,7 @@ impl MetaStore for RedbStore {
                 let existing = index
                     .get(digest.as_str())
                     .map_err(ctx("get blob"))?
-                    .map(|g| {
-                        let (size, key) = g.value();
-                        BlobRecord {
-                            key: key.to_owned(),
-                            size,
-                        }
-                    });
+                    .map(|g| blob_value(g.value()));
                 out.push(match existing {
                     Some(existing) => Linked::Existing(existing),
                     None => {
@@ -883,6 +993,14 @@ impl MetaStore for RedbStore {
     }
 
     async fn save_upload(&self, session: &UploadSession, change: PendingChange) -> MetaResult<()> {
+        // Checked before the write: the claim's holder is the only caller that could take it
+        // back, and it is the one saving.
+        if !self.may_save(session) {
+            return Err(MetaError::Unavailable(format!(
+                "upload {}: claimed by another writer",
+                session.id
+            )));
+        }
         let id = session.id.clone();
         let json = encode_session(session)?;
         self.write("save_upload", move |txn| {
@@ -919,18 +1037,23 @@ impl MetaStore for RedbStore {
     }
 
     async fn delete_upload(&self, id: &str) -> MetaResult<bool> {
+        let claim = upload_claim(id);
         let id = id.to_owned();
-        self.write("delete_upload", move |txn| {
-            let mut uploads = wtable(txn, UPLOADS)?;
-            let existed = uploads
-                .remove(id.as_str())
-                .map_err(ctx("remove session"))?
-                .is_some();
-            let mut pending = wtable(txn, UPLOAD_PENDING)?;
-            clear_pending(&mut pending, &id)?;
-            Ok(Outcome::Commit(existed))
-        })
-        .await
+        let deleted = self
+            .write("delete_upload", move |txn| {
+                let mut uploads = wtable(txn, UPLOADS)?;
+                let existed = uploads
+                    .remove(id.as_str())
+                    .map_err(ctx("remove session"))?
+                    .is_some();
+                let mut pending = wtable(txn, UPLOAD_PENDING)?;
+                clear_pending(&mut pending, &id)?;
+                Ok(Outcome::Commit(existed))
+            })
+            .await;
+        // After the commit: a writer claiming it now finds no session.
+        self.claims().remove(&claim);
+        deleted
     }
 
     async fn idle_uploads(&self, cutoff: u64) -> MetaResult<Vec<UploadSession>> {
@@ -954,40 +1077,41 @@ impl MetaStore for RedbStore {
         digest: &Digest,
         record: BlobRecord,
     ) -> MetaResult<Linked> {
+        let claim = upload_claim(id);
         let id = id.to_owned();
         let repo = repo.to_owned();
         let digest = digest.clone();
-        self.write("finish_upload", move |txn| {
-            let repo = repo.as_str();
-            let digest = digest.as_str();
-            {
-                let mut uploads = wtable(txn, UPLOADS)?;
-                uploads.remove(id.as_str()).map_err(ctx("remove session"))?;
-                let mut pending = wtable(txn, UPLOAD_PENDING)?;
-                clear_pending(&mut pending, &id)?;
-            }
-            let mut blobs = wtable(txn, BLOBS)?;
-            let existing = blobs.get(digest).map_err(ctx("get blob"))?.map(|g| {
-                let (size, key) = g.value();
-                BlobRecord {
-                    key: key.to_owned(),
-                    size,
+        let linked = self
+            .write("finish_upload", move |txn| {
+                let repo = repo.as_str();
+                let digest = digest.as_str();
+                {
+                    let mut uploads = wtable(txn, UPLOADS)?;
+                    uploads.remove(id.as_str()).map_err(ctx("remove session"))?;
+                    let mut pending = wtable(txn, UPLOAD_PENDING)?;
+                    clear_pending(&mut pending, &id)?;
                 }
-            });
-            let linked = match existing {
-                Some(existing) => Linked::Existing(existing),
-                None => {
-                    blobs
-                        .insert(digest, (record.size, record.key.as_str()))
-                        .map_err(ctx("insert blob"))?;
-                    Linked::New
-                }
-            };
-            drop(blobs);
-            link(txn, repo, digest)?;
-            Ok(Outcome::Commit(linked))
-        })
-        .await
+                let mut blobs = wtable(txn, BLOBS)?;
+                let existing = blobs
+                    .get(digest)
+                    .map_err(ctx("get blob"))?
+                    .map(|g| blob_value(g.value()));
+                let linked = match existing {
+                    Some(existing) => Linked::Existing(existing),
+                    None => {
+                        blobs
+                            .insert(digest, (record.size, record.key.as_str()))
+                            .map_err(ctx("insert blob"))?;
+                        Linked::New
+                    }
+                };
+                drop(blobs);
+                link(txn, repo, digest)?;
+                Ok(Outcome::Commit(linked))
+            })
+            .await;
+        self.claims().remove(&claim);
+        linked
     }
 
     // ---- bucket journal ----
@@ -1371,6 +1495,7 @@ mod tests {
             hasher: vec![1, 2, 3, 4],
             created: updated.saturating_sub(10),
             updated,
+            writer: None,
         }
     }
 
@@ -1879,6 +2004,42 @@ mod tests {
 
         // A second writer on the same file is refused while the first is open.
         assert!(RedbStore::open(&path).is_err());
+    }
+
+    #[tokio::test]
+    async fn claims_exclude_other_holders_and_fence_saves() {
+        let (_dir, s) = store();
+        let ttl = Duration::from_secs(60);
+        let name = upload_claim("up");
+        s.create_upload(&session("up", 1)).await.unwrap();
+        assert!(s.claim(&name, "w1", ttl).await.unwrap());
+        assert!(s.claim(&name, "w1", ttl).await.unwrap(), "renewal");
+        assert!(!s.claim(&name, "w2", ttl).await.unwrap());
+
+        let mut by_w1 = session("up", 2);
+        by_w1.writer = Some("w1".into());
+        s.save_upload(&by_w1, PendingChange::default())
+            .await
+            .unwrap();
+        let mut by_w2 = session("up", 3);
+        by_w2.writer = Some("w2".into());
+        let err = s.save_upload(&by_w2, PendingChange::default()).await;
+        assert!(matches!(err, Err(MetaError::Unavailable(_))), "{err:?}");
+        assert_eq!(s.upload("up").await.unwrap().unwrap().updated, 2);
+
+        // Another holder's release changes nothing; the holder's own frees it.
+        s.release(&name, "w2").await.unwrap();
+        assert!(!s.claim(&name, "w2", ttl).await.unwrap());
+        s.release(&name, "w1").await.unwrap();
+        assert!(s.claim(&name, "w2", ttl).await.unwrap());
+        // An expired claim passes to the next claimer.
+        assert!(s.claim("task", "n1", Duration::ZERO).await.unwrap());
+        assert!(s.claim("task", "n2", ttl).await.unwrap());
+        // Finishing the upload ends its claim.
+        s.finish_upload("up", "r", &digest(1), blob("k", 1))
+            .await
+            .unwrap();
+        assert!(s.claim(&name, "w3", ttl).await.unwrap());
     }
 
     #[tokio::test]

@@ -62,8 +62,6 @@ pub struct Registry {
     pub settings: RegistrySettings,
     /// Pull-through mirrors (none unless configured).
     pub mirrors: crate::mirror::Mirrors,
-    /// Upload sessions a request is writing right now (one writer per session).
-    busy_uploads: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Memory for part buffers, shared by all uploads.
     budget: budget::UploadBudget,
 }
@@ -88,7 +86,6 @@ impl Registry {
             budget: budget::UploadBudget::new(settings.buffer_budget),
             settings,
             mirrors: Default::default(),
-            busy_uploads: Default::default(),
         }
     }
 

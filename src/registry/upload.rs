@@ -23,7 +23,12 @@ use super::names::Digest;
 use super::pacing::Pacer;
 use super::{unix_now, BodySource, Registry, RegistryError, RegistryResult};
 use crate::config::MAX_PARTS;
-use crate::meta::{BlobRecord, Linked, Part, PendingChange, UploadSession};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::meta::{
+    upload_claim, BlobRecord, Linked, MetaStore, Part, PendingChange, UploadSession,
+};
 use crate::metrics::{BLOBS, UPLOADS};
 use crate::storage::{ObjectBody, StorageError};
 
@@ -46,6 +51,7 @@ impl Registry {
             hasher: BlobHasher::default().save(),
             created: now,
             updated: now,
+            writer: None,
         };
         self.meta.create_upload(&session).await?;
         UPLOADS.started.inc();
@@ -69,8 +75,24 @@ impl Registry {
         content_length: Option<u64>,
         body: &mut dyn BodySource,
     ) -> RegistryResult<UploadSession> {
-        let _writer = self.claim_upload(id)?;
-        let session = self.upload_status(repo, id).await?;
+        let claim = self.claim_upload(id).await?;
+        let result = self
+            .append_claimed(repo, id, &claim, range_start, content_length, body)
+            .await;
+        claim.release().await;
+        result
+    }
+
+    async fn append_claimed(
+        &self,
+        repo: &str,
+        id: &str,
+        claim: &UploadClaim,
+        range_start: Option<u64>,
+        content_length: Option<u64>,
+        body: &mut dyn BodySource,
+    ) -> RegistryResult<UploadSession> {
+        let session = claim.session(self.upload_status(repo, id).await?);
         if let Some(start) = range_start {
             if start != session.offset {
                 return Err(RegistryError::RangeInvalid {
@@ -117,8 +139,24 @@ impl Registry {
         content_length: Option<u64>,
         body: &mut dyn BodySource,
     ) -> RegistryResult<()> {
-        let _writer = self.claim_upload(id)?;
-        let session = self.upload_status(repo, id).await?;
+        let claim = self.claim_upload(id).await?;
+        let result = self
+            .finish_claimed(repo, id, &claim, digest, content_length, body)
+            .await;
+        claim.release().await;
+        result
+    }
+
+    async fn finish_claimed(
+        &self,
+        repo: &str,
+        id: &str,
+        claim: &UploadClaim,
+        digest: &Digest,
+        content_length: Option<u64>,
+        body: &mut dyn BodySource,
+    ) -> RegistryResult<()> {
+        let session = claim.session(self.upload_status(repo, id).await?);
         let finished = match content_length {
             // The whole blob in one request of known length: one streaming PutObject. Not when
             // an earlier request began a multipart upload (and went away before committing
@@ -170,9 +208,13 @@ impl Registry {
 
     /// DELETE on an upload: aborts the multipart upload and forgets the session.
     pub async fn cancel_upload(&self, repo: &str, id: &str) -> RegistryResult<()> {
-        let _writer = self.claim_upload(id)?;
-        let session = self.upload_status(repo, id).await?;
-        self.discard_session(&session).await?;
+        let claim = self.claim_upload(id).await?;
+        let result = match self.upload_status(repo, id).await {
+            Ok(session) => self.discard_session(&session).await,
+            Err(e) => Err(e),
+        };
+        claim.release().await;
+        result?;
         UPLOADS.cancelled.inc();
         Ok(())
     }
@@ -198,10 +240,15 @@ impl Registry {
         let cutoff = unix_now().saturating_sub(self.settings.session_expiry.as_secs());
         let mut pass = Expired::default();
         for session in self.meta.idle_uploads(cutoff).await? {
-            let Ok(_writer) = self.claim_upload(&session.id) else {
-                continue; // being written right now: not idle
+            let claim = match self.claim_upload(&session.id).await {
+                Ok(claim) => claim,
+                // Being written right now (on any node): not idle.
+                Err(RegistryError::UploadBusy) => continue,
+                Err(e) => return Err(e),
             };
-            match self.expire_session(&session).await {
+            let expired = self.expire_session(&session).await;
+            claim.release().await;
+            match expired {
                 Ok(()) => {
                     UPLOADS.expired.inc();
                     pass.expired += 1;
@@ -408,15 +455,38 @@ impl Registry {
         check_digest(&hasher, digest)
     }
 
-    fn claim_upload(&self, id: &str) -> RegistryResult<UploadClaim<'_>> {
-        let mut busy = self.busy_uploads.lock().expect("busy_uploads poisoned");
-        if !busy.insert(id.to_string()) {
+    /// Makes this request the only writer of the session, on every node sharing the
+    /// metadata store, until the claim is released (or its node dies and it expires).
+    async fn claim_upload(&self, id: &str) -> RegistryResult<UploadClaim> {
+        let name = upload_claim(id);
+        let holder = uuid::Uuid::new_v4().to_string();
+        if !self.meta.claim(&name, &holder, CLAIM_TTL).await? {
             return Err(RegistryError::UploadBusy);
         }
         UPLOADS.in_progress.inc();
+        // Renewed while the request runs, however slowly its client sends.
+        let renew = tokio::spawn({
+            let (meta, name, holder) = (self.meta.clone(), name.clone(), holder.clone());
+            async move {
+                let mut tick = tokio::time::interval(CLAIM_RENEW);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    match meta.claim(&name, &holder, CLAIM_TTL).await {
+                        Ok(true) => {}
+                        // Expired and taken: this writer's next save is refused.
+                        Ok(false) => return log::warn!("{name}: claim lost to another writer"),
+                        Err(e) => log::warn!("{name}: claim not renewed: {e}"),
+                    }
+                }
+            }
+        });
         Ok(UploadClaim {
-            registry: self,
-            id: id.to_string(),
+            meta: self.meta.clone(),
+            name,
+            holder,
+            renew,
+            released: false,
         })
     }
 }
@@ -437,17 +507,49 @@ fn cause(e: &RegistryError) -> String {
     }
 }
 
-/// One writer per session at a time, released on drop.
-struct UploadClaim<'a> {
-    registry: &'a Registry,
-    id: String,
+/// How long a writer's claim on a session lasts unrenewed: the longest a session stays busy
+/// after its writer's node died.
+const CLAIM_TTL: Duration = Duration::from_secs(10);
+const CLAIM_RENEW: Duration = Duration::from_secs(3);
+
+/// One writer per session at a time. [`UploadClaim::release`] ends it before the response is
+/// sent (the client's next request may reach another node at once); a claim dropped without
+/// it (a panic) is released in the background.
+struct UploadClaim {
+    meta: Arc<dyn MetaStore>,
+    name: String,
+    holder: String,
+    renew: JoinHandle<()>,
+    released: bool,
 }
 
-impl Drop for UploadClaim<'_> {
+impl UploadClaim {
+    /// `session`, to be saved under this claim.
+    fn session(&self, mut session: UploadSession) -> UploadSession {
+        session.writer = Some(self.holder.clone());
+        session
+    }
+
+    async fn release(mut self) {
+        self.renew.abort();
+        if let Err(e) = self.meta.release(&self.name, &self.holder).await {
+            // It expires by itself.
+            log::warn!("{}: release: {e}", self.name);
+        }
+        self.released = true;
+    }
+}
+
+impl Drop for UploadClaim {
     fn drop(&mut self) {
         UPLOADS.in_progress.dec();
-        if let Ok(mut busy) = self.registry.busy_uploads.lock() {
-            busy.remove(&self.id);
+        if self.released {
+            return;
+        }
+        self.renew.abort();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (meta, name, holder) = (self.meta.clone(), self.name.clone(), self.holder.clone());
+            rt.spawn(async move { meta.release(&name, &holder).await });
         }
     }
 }

@@ -1,10 +1,15 @@
 //! Test harness: runs the real `berth` binary on a loopback port, against its embedded object
 //! store or a separate S3 server (s3s-fs) started in the test process, and talks to it over
 //! real HTTP.
+//!
+//! Metadata backend: redb unless `BERTH_TEST_METADATA=postgres`, which gives every berth
+//! started here (without a `metadata:` section of its own) a fresh database on a real
+//! PostgreSQL server ([`pg::PgServer::shared`]): the same tests run on both backends.
 #![allow(dead_code)]
 
 pub mod credentials;
 pub mod forward;
+pub mod pg;
 pub mod prom;
 
 use std::io::Read;
@@ -229,6 +234,13 @@ impl Berth {
             yaml.push_str(&s3.storage_yaml());
         }
         yaml.push_str(extra_yaml);
+        if pg::test_backend_is_postgres() && !extra_yaml.contains("metadata:") {
+            let server = pg::PgServer::shared();
+            if !yaml.ends_with('\n') && !yaml.is_empty() {
+                yaml.push('\n');
+            }
+            yaml.push_str(&server.metadata_yaml(&server.create_database()));
+        }
         std::fs::write(&config_path, yaml).unwrap();
         Berth {
             child: None,

@@ -1,0 +1,611 @@
+//! Several berth nodes on one PostgreSQL database and one S3 bucket (a separate s3s-fs
+//! server): what one node acknowledges, every node serves; an upload session moves between
+//! nodes; racing writers never corrupt a tag or a session; the database going away is a 503,
+//! not a restart; schema migrations; the redb -> PostgreSQL copy.
+
+mod common;
+
+use std::io::Read;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use common::pg::PgServer;
+use common::*;
+use reqwest::blocking::{Client, Response};
+use serde_json::json;
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const MIB: usize = 1 << 20;
+
+fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    PseudoRandom::new(seed, len as u64)
+        .read_exact(&mut v)
+        .unwrap();
+    v
+}
+
+/// `n` nodes on a fresh database of `pg` and on `s3`, started at the same time (their schema
+/// migrations race).
+fn nodes(pg: &PgServer, s3: &S3Server, n: usize, extra_yaml: &str) -> (String, Vec<Berth>) {
+    let db = pg.create_database();
+    let yaml = format!("{}{extra_yaml}", pg.metadata_yaml(&db));
+    let nodes = std::thread::scope(|scope| {
+        let started: Vec<_> = (0..n)
+            .map(|_| scope.spawn(|| Berth::start_with(&yaml, Some(s3))))
+            .collect();
+        started.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    (db, nodes)
+}
+
+fn location(berth: &Berth, r: &Response) -> String {
+    let loc = r.headers()["location"].to_str().unwrap();
+    if loc.starts_with("http") {
+        loc.to_string()
+    } else {
+        berth.url(loc)
+    }
+}
+
+/// The same upload URL on another node.
+fn on(berth: &Berth, loc: &str) -> String {
+    let path = &loc[loc.find("/v2/").unwrap()..];
+    berth.url(path)
+}
+
+/// An image of one layer and a config; pushes the blobs through `berth`, returns the manifest
+/// and its digest.
+fn push_image_blobs(berth: &Berth, c: &Client, repo: &str, seed: u64) -> (Vec<u8>, String) {
+    let config = format!("{{\"seed\":{seed}}}").into_bytes();
+    let layer = bytes(seed, 64 * 1024 + seed as usize);
+    let config_digest = berth.push_blob(c, repo, &config);
+    let layer_digest = berth.push_blob(c, repo, &layer);
+    let manifest = serde_json::to_vec_pretty(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": layer_digest, "size": layer.len()}],
+    }))
+    .unwrap();
+    let digest = sha256_digest(&manifest);
+    (manifest, digest)
+}
+
+#[track_caller]
+fn put_manifest(berth: &Berth, c: &Client, repo: &str, reference: &str, manifest: &[u8]) {
+    let r = c
+        .put(berth.url(&format!("/v2/{repo}/manifests/{reference}")))
+        .header("Content-Type", OCI_MANIFEST)
+        .body(manifest.to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201, "PUT manifest: {}", r.text().unwrap());
+}
+
+/// Pulls `repo:reference` and every blob it references through `berth`; returns the manifest
+/// digest. Asserts that each blob's bytes have its digest.
+#[track_caller]
+fn pull(berth: &Berth, c: &Client, repo: &str, reference: &str) -> String {
+    let r = c
+        .get(berth.url(&format!("/v2/{repo}/manifests/{reference}")))
+        .header("Accept", OCI_MANIFEST)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "GET {repo}:{reference}");
+    let body = r.bytes().unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let mut blobs = vec![m["config"]["digest"].as_str().unwrap().to_string()];
+    for l in m["layers"].as_array().unwrap() {
+        blobs.push(l["digest"].as_str().unwrap().to_string());
+    }
+    for d in blobs {
+        let r = c
+            .get(berth.url(&format!("/v2/{repo}/blobs/{d}")))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "GET blob {d}");
+        assert_eq!(sha256_digest(&r.bytes().unwrap()), d);
+    }
+    sha256_digest(&body)
+}
+
+#[test]
+fn pushed_through_one_node_pulled_through_the_other() {
+    let pg = PgServer::shared();
+    let s3 = S3Server::start();
+    let (_, n) = nodes(pg, &s3, 2, "");
+    let (a, b) = (&n[0], &n[1]);
+    let c = client();
+
+    let (manifest, digest) = push_image_blobs(a, &c, "team/app", 1);
+    put_manifest(a, &c, "team/app", "v1", &manifest);
+    // Served by B as soon as A's PUT returned.
+    assert_eq!(pull(b, &c, "team/app", "v1"), digest);
+    let tags: serde_json::Value = c
+        .get(b.url("/v2/team/app/tags/list"))
+        .send()
+        .unwrap()
+        .json_value();
+    assert_eq!(tags["tags"], json!(["v1"]));
+
+    // A tag moved on B is seen moved on A; a delete on A is seen on B.
+    let (manifest2, digest2) = push_image_blobs(b, &c, "team/app", 2);
+    put_manifest(b, &c, "team/app", "v1", &manifest2);
+    assert_eq!(pull(a, &c, "team/app", "v1"), digest2);
+    let r = c
+        .delete(a.url(&format!("/v2/team/app/manifests/{digest2}")))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let r = c.get(b.url("/v2/team/app/manifests/v1")).send().unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(pull(b, &c, "team/app", &digest), digest);
+}
+
+#[test]
+fn upload_started_on_one_node_continued_on_the_other_finished_on_the_first() {
+    let pg = PgServer::shared();
+    let s3 = S3Server::start();
+    let (_, n) = nodes(pg, &s3, 2, "upload:\n  part_size: 5MiB\n");
+    let (a, b) = (&n[0], &n[1]);
+    let c = client();
+    let blob = bytes(7, 11 * MIB + 3);
+    let digest = sha256_digest(&blob);
+
+    let r = c.post(a.url("/v2/moved/blobs/uploads/")).send().unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = location(a, &r);
+    // A keeps 3 MiB pending (less than a part); B completes part 1 from A's pending bytes and
+    // keeps 1 MiB of part 2 pending; A finishes with the rest.
+    let cuts = [(a, 0, 3 * MIB), (b, 3 * MIB, 6 * MIB + 1)];
+    for (node, start, end) in cuts {
+        let r = c
+            .patch(on(node, &loc))
+            .header("Content-Type", "application/octet-stream")
+            .header("Content-Range", format!("{start}-{}", end - 1))
+            .body(blob[start..end].to_vec())
+            .send()
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            202,
+            "PATCH {start}..{end}: {}",
+            r.text().unwrap()
+        );
+    }
+    let r = c.get(on(a, &loc)).send().unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["range"], format!("0-{}", 6 * MIB));
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = c
+        .put(format!("{}{sep}digest={digest}", on(a, &loc)))
+        .header("Content-Type", "application/octet-stream")
+        .body(blob[6 * MIB + 1..].to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201, "PUT: {}", r.text().unwrap());
+    let r = c
+        .get(b.url(&format!("/v2/moved/blobs/{digest}")))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().unwrap() == blob, "bytes differ");
+}
+
+#[test]
+fn four_clients_racing_one_tag_through_both_nodes() {
+    let pg = PgServer::shared();
+    let s3 = S3Server::start();
+    let (_, n) = nodes(pg, &s3, 2, "");
+    let barrier = Barrier::new(4);
+    let pushed: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4u64)
+            .map(|i| {
+                let (node, barrier) = (&n[i as usize % 2], &barrier);
+                scope.spawn(move || {
+                    let c = client();
+                    let (manifest, digest) = push_image_blobs(node, &c, "race", 10 + i);
+                    barrier.wait();
+                    put_manifest(node, &c, "race", "latest", &manifest);
+                    digest
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let c = client();
+    let on_a = pull(&n[0], &c, "race", "latest");
+    let on_b = pull(&n[1], &c, "race", "latest");
+    assert_eq!(on_a, on_b);
+    assert!(pushed.contains(&on_a), "{on_a} is none of {pushed:?}");
+    // Every image pushed is whole by digest.
+    for d in &pushed {
+        assert_eq!(pull(&n[1], &c, "race", d), *d);
+    }
+}
+
+#[test]
+fn concurrent_patches_of_one_session_through_both_nodes_never_interleave() {
+    let pg = PgServer::shared();
+    let s3 = S3Server::start();
+    let (_, n) = nodes(pg, &s3, 2, "upload:\n  part_size: 5MiB\n");
+    let c = client();
+    for round in 0..4u64 {
+        let r = c
+            .post(n[0].url("/v2/contended/blobs/uploads/"))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        let loc = location(&n[0], &r);
+        // Both write bytes 0.. of the session at once, one through each node, each more than
+        // a part so that both would upload part 1.
+        let bodies = [bytes(100 + round, 6 * MIB), bytes(200 + round, 6 * MIB)];
+        let barrier = Barrier::new(2);
+        let statuses: Vec<u16> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..2)
+                .map(|i| {
+                    let (node, body, loc, barrier) = (&n[i], &bodies[i], &loc, &barrier);
+                    scope.spawn(move || {
+                        let c = client();
+                        barrier.wait();
+                        let r = c
+                            .patch(on(node, loc))
+                            .header("Content-Type", "application/octet-stream")
+                            .header("Content-Range", format!("0-{}", body.len() - 1))
+                            .body(body.clone())
+                            .send();
+                        // Refused before the body was sent: berth answers and closes the
+                        // connection, which the client may see as a send error.
+                        r.map_or(0, |r| r.status().as_u16())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let winners: Vec<usize> = (0..2).filter(|i| statuses[*i] == 202).collect();
+        assert_eq!(winners.len(), 1, "round {round}: statuses {statuses:?}");
+        let loser = statuses[1 - winners[0]];
+        assert!(
+            [0, 409, 416, 503].contains(&loser),
+            "round {round}: loser answered {loser}"
+        );
+        // The session holds exactly the winner's bytes: finishing with their digest works
+        // and the blob pulls byte-identical.
+        let body = &bodies[winners[0]];
+        let digest = sha256_digest(body);
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let r = c
+            .put(format!("{}{sep}digest={digest}", on(&n[1], &loc)))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 201, "round {round}: PUT: {}", r.text().unwrap());
+        let got = c
+            .get(n[0].url(&format!("/v2/contended/blobs/{digest}")))
+            .send()
+            .unwrap()
+            .bytes()
+            .unwrap();
+        assert!(got == *body, "round {round}: bytes differ");
+    }
+}
+
+#[test]
+fn node_killed_mid_patch_the_client_continues_on_another() {
+    let pg = PgServer::shared();
+    let s3 = S3Server::start();
+    let (_, mut n) = nodes(pg, &s3, 2, "upload:\n  part_size: 5MiB\n");
+    let c = client();
+    let blob = bytes(9, 14 * MIB);
+    let digest = sha256_digest(&blob);
+    let r = c
+        .post(n[0].url("/v2/survivor/blobs/uploads/"))
+        .send()
+        .unwrap();
+    let loc = location(&n[0], &r);
+    // 2 MiB committed on A, then a PATCH that A never finishes: its body stalls after 11 MiB
+    // until A is killed (a part is committed when the next one starts: part 1 is).
+    let r = c
+        .patch(on(&n[0], &loc))
+        .header("Content-Range", format!("0-{}", 2 * MIB - 1))
+        .body(blob[..2 * MIB].to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    struct Stalling {
+        data: Vec<u8>,
+        at: usize,
+        stop_at: usize,
+        release: std::sync::mpsc::Receiver<()>,
+    }
+    impl Read for Stalling {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.at == self.stop_at {
+                let _ = self.release.recv();
+                return Err(std::io::Error::other("client gave up"));
+            }
+            let n = buf.len().min(self.stop_at - self.at);
+            buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+    let stalled = Stalling {
+        data: blob.clone(),
+        at: 2 * MIB,
+        stop_at: 11 * MIB,
+        release: rx,
+    };
+    let url = on(&n[0], &loc);
+    let stuck = std::thread::spawn(move || {
+        let _ = client()
+            .patch(url)
+            .body(reqwest::blocking::Body::new(stalled))
+            .send();
+    });
+    // Part 1 (bytes 0..5 MiB) gets committed by A while the body stalls.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let committed = loop {
+        let r = c.get(on(&n[1], &loc)).send().unwrap();
+        let range = r.headers()["range"].to_str().unwrap().to_string();
+        let end: usize = range.split('-').nth(1).unwrap().parse().unwrap();
+        if end + 1 >= 5 * MIB {
+            break end + 1;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A never committed part 1: {range}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    n[0].kill();
+    drop(tx);
+    stuck.join().unwrap();
+    // The client goes on from the committed offset on B. A's claim on the session lapses
+    // (it cannot be released by a dead node): until then B says the session is busy.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c
+            .patch(on(&n[1], &loc))
+            .header("Content-Range", format!("{committed}-{}", blob.len() - 1))
+            .body(blob[committed..].to_vec())
+            .send();
+        match r.as_ref().map(|r| r.status().as_u16()) {
+            Ok(202) => break,
+            // Busy (the connection may close before the whole body is sent).
+            Ok(409) | Err(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(500))
+            }
+            other => panic!("PATCH on B: {other:?}"),
+        }
+    }
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = c
+        .put(format!("{}{sep}digest={digest}", on(&n[1], &loc)))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201, "PUT: {}", r.text().unwrap());
+    let got = c
+        .get(n[1].url(&format!("/v2/survivor/blobs/{digest}")))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    assert!(got == blob, "bytes differ");
+}
+
+/// Polls `url` until it answers `status`.
+#[track_caller]
+fn wait_status(c: &Client, url: &str, status: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = c.get(url).send().map(|r| r.status().as_u16());
+        if got.as_ref().ok() == Some(&status) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url}: {got:?}, expected {status}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn database_down_is_503_and_berth_recovers_without_a_restart() {
+    let pg = PgServer::start();
+    let s3 = S3Server::start();
+    let ops = free_port();
+    let (_, n) = nodes(
+        &pg,
+        &s3,
+        1,
+        &format!("metrics:\n  listen: 127.0.0.1:{ops}\n"),
+    );
+    let node = &n[0];
+    let c = client();
+    let readyz = format!("http://127.0.0.1:{ops}/readyz");
+    wait_status(&c, &readyz, 200, Duration::from_secs(10));
+
+    let mut acknowledged = Vec::new();
+    for round in 0..3u64 {
+        let (manifest, digest) = push_image_blobs(node, &c, "loop", 50 + round);
+        put_manifest(node, &c, "loop", &format!("r{round}"), &manifest);
+        acknowledged.push((format!("r{round}"), digest));
+        for (tag, digest) in &acknowledged {
+            assert_eq!(pull(node, &c, "loop", tag), *digest);
+        }
+        if round == 1 {
+            pg.stop();
+            let r = c.get(node.url("/v2/loop/manifests/r0")).send().unwrap();
+            assert_eq!(r.status(), 503, "{}", r.text().unwrap());
+            assert!(r.headers().contains_key("retry-after"));
+            assert_eq!(error_code(&r.text().unwrap()), "UNAVAILABLE");
+            let r = c.post(node.url("/v2/loop/blobs/uploads/")).send().unwrap();
+            assert_eq!(r.status(), 503);
+            wait_status(&c, &readyz, 503, Duration::from_secs(15));
+            pg.restart();
+            wait_status(&c, &readyz, 200, Duration::from_secs(15));
+        }
+    }
+    for (tag, digest) in &acknowledged {
+        assert_eq!(pull(node, &c, "loop", tag), *digest);
+    }
+    // The pool's gauges are exported.
+    let metrics = c
+        .get(format!("http://127.0.0.1:{ops}/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    for series in [
+        "berth_metadata_pool_connections{state=\"in_use\"}",
+        "berth_metadata_pool_connections{state=\"idle\"}",
+        "berth_metadata_pool_waiting",
+        "berth_metadata_pool_max_connections 16",
+        "berth_metadata_operation_duration_seconds_count{operation=\"tagged_manifest\"}",
+    ] {
+        assert!(metrics.contains(series), "{series} not in /metrics");
+    }
+}
+
+fn berth_command(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn migrations_fresh_up_to_date_and_newer_refused() {
+    let pg = PgServer::shared();
+    let db = pg.create_database();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("berth.yaml");
+    std::fs::write(
+        &config,
+        "metadata:\n  backend: postgres\n  postgres:\n    url: _env:BERTH_PG_URL\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let url = pg.url(&db);
+    let env = [("BERTH_PG_URL", url.as_str())];
+
+    let (ok, out) = berth_command(&["migrate", "--config", config], &env);
+    assert!(ok, "{out}");
+    assert!(out.contains("schema version 0 -> 2"), "{out}");
+    let tables = pg.sql(
+        &db,
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename IN \
+         ('blobs','repo_blobs','manifests','tags','referrers','repositories','uploads','upload_pending','claims',\
+          'manifest_references','gc_queue','journal_watermark')",
+    );
+    assert_eq!(tables, "12");
+    let (ok, out) = berth_command(&["migrate", "--config", config], &env);
+    assert!(ok, "{out}");
+    assert!(out.contains("up to date"), "{out}");
+
+    // A newer berth migrated the database: this one refuses it, to migrate and to serve.
+    pg.sql(
+        &db,
+        "INSERT INTO berth_schema_migrations (version, name) VALUES (99, 'from the future')",
+    );
+    let (ok, out) = berth_command(&["migrate", "--config", config], &env);
+    assert!(!ok);
+    assert!(
+        out.contains("schema is version 99, newer than this berth knows (2)"),
+        "{out}"
+    );
+    let (status, log) =
+        Berth::start_expecting_exit(&pg.metadata_yaml(&db), None, Duration::from_secs(20))
+            .expect("berth must refuse to start");
+    assert!(!status.success());
+    assert!(log.contains("newer than this berth knows"), "{log}");
+
+    // check-config never prints the password.
+    let env = [("BERTH_PG_URL", "postgres://berth:hunter2@127.0.0.1:1/x")];
+    let (ok, out) = berth_command(&["check-config", "--config", config], &env);
+    assert!(ok, "{out}");
+    assert!(!out.contains("hunter2"), "{out}");
+    assert!(out.contains("<redacted>"), "{out}");
+}
+
+#[test]
+fn redb_metadata_copied_to_postgres_pulls_through_the_new_nodes() {
+    let pg = PgServer::shared();
+    let s3 = S3Server::start();
+    let c = client();
+    let mut old = Berth::start_with(
+        "metadata:\n  backend: redb\nupload:\n  part_size: 5MiB\n",
+        Some(&s3),
+    );
+    let mut images = Vec::new();
+    for (i, repo) in ["lib/a", "lib/a", "lib/b"].iter().enumerate() {
+        let (manifest, digest) = push_image_blobs(&old, &c, repo, 70 + i as u64);
+        put_manifest(&old, &c, repo, &format!("t{i}"), &manifest);
+        images.push((repo.to_string(), format!("t{i}"), digest));
+    }
+    // An open session with committed pending bytes, to be finished after the move.
+    let blob = bytes(77, 2 * MIB + 5);
+    let r = c.post(old.url("/v2/lib/b/blobs/uploads/")).send().unwrap();
+    let loc = location(&old, &r);
+    let r = c
+        .patch(&loc)
+        .header("Content-Range", format!("0-{}", MIB - 1))
+        .body(blob[..MIB].to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let redb = old.data_dir.path().join("data/meta.redb");
+    old.kill();
+
+    let db = pg.create_database();
+    let to = format!("postgres:{}", pg.url(&db));
+    let from = format!("redb:{}", redb.display());
+    for _ in 0..2 {
+        let (ok, out) = berth_command(&["metadata", "copy", "--from", &from, "--to", &to], &[]);
+        assert!(ok, "{out}");
+        assert!(out.contains("2 repositories"), "{out}");
+        assert!(out.contains("3 manifests, 3 tags"), "{out}");
+        assert!(out.contains("1 upload sessions"), "{out}");
+    }
+    let new = Berth::start_with(&pg.metadata_yaml(&db), Some(&s3));
+    for (repo, tag, digest) in &images {
+        assert_eq!(pull(&new, &c, repo, tag), *digest);
+    }
+    let r = c
+        .patch(on(&new, &loc))
+        .header("Content-Range", format!("{MIB}-{}", blob.len() - 1))
+        .body(blob[MIB..].to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().unwrap());
+    let digest = sha256_digest(&blob);
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = c
+        .put(format!("{}{sep}digest={digest}", on(&new, &loc)))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().unwrap());
+    drop(old);
+}
+
+trait JsonBody {
+    fn json_value(self) -> serde_json::Value;
+}
+
+impl JsonBody for Response {
+    fn json_value(self) -> serde_json::Value {
+        serde_json::from_str(&self.text().unwrap()).unwrap()
+    }
+}
