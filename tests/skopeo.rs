@@ -1,5 +1,6 @@
 //! Real clients against berth: skopeo (containers/image) pushes an OCI image layout, pulls it
-//! back, inspects it, lists tags and copies between repositories; podman pulls.
+//! back, inspects it, lists tags and copies between repositories; podman pulls; skopeo pushes
+//! through one of two nodes on PostgreSQL and pulls through the other.
 //!
 //! The tools must be installed (CI installs them). To run without them, set
 //! `BERTH_SKIP_CLIENT_TESTS=1`: the tests then pass after saying they skipped.
@@ -528,4 +529,91 @@ fn podman_pull() {
     );
     run(podman(&storage).args(["rm", &container]), &berth);
     run(podman(&storage).args(["rmi", &reference]), &berth);
+}
+
+/// Two berth nodes on one PostgreSQL database and one bucket (as behind a load balancer):
+/// skopeo pushes through one and pulls through the other, which serves the image as soon as
+/// the push has returned; the tag list and a second push through B are seen on A.
+#[test]
+fn skopeo_pushes_through_one_node_and_pulls_through_another() {
+    if !have_tool("skopeo", "skopeo") {
+        return;
+    }
+    let pg = common::pg::PgServer::shared();
+    let s3 = S3Server::start();
+    let yaml = pg.metadata_yaml(&pg.create_database());
+    let a = Berth::start_with(&yaml, Some(&s3));
+    let b = Berth::start_with(&yaml, Some(&s3));
+    let tmp = tempfile::tempdir().unwrap();
+    let auth = tmp.path().join("auth.json");
+    std::fs::write(&auth, br#"{"auths":{}}"#).unwrap();
+    let (reg_a, reg_b) = (
+        format!("127.0.0.1:{}", a.port),
+        format!("127.0.0.1:{}", b.port),
+    );
+    let src = tmp.path().join("src");
+    let mut layout = Layout::new(&src);
+    let v1 = image_v1(&mut layout);
+
+    run(
+        skopeo(&auth).args([
+            "copy",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:v1", src.display()),
+            &format!("docker://{reg_a}/team/img:v1"),
+        ]),
+        &a,
+    );
+    let pulled = tmp.path().join("pulled");
+    run(
+        skopeo(&auth).args([
+            "copy",
+            "--src-tls-verify=false",
+            "--dest-oci-accept-uncompressed-layers",
+            &format!("docker://{reg_b}/team/img:v1"),
+            &format!("oci:{}:v1", pulled.display()),
+        ]),
+        &b,
+    );
+    let (sent, got) = (blobs(&src), blobs(&pulled));
+    assert_eq!(
+        sent.keys().collect::<Vec<_>>(),
+        got.keys().collect::<Vec<_>>()
+    );
+    for (digest, bytes) in &sent {
+        assert!(&got[digest] == bytes, "blob {digest} differs through B");
+    }
+    assert_eq!(tagged_digest(&pulled, "v1"), v1.manifest_digest);
+
+    // B copies the image to a second tag (its layers found by HEAD, none sent again); A lists it.
+    run(
+        skopeo(&auth).args([
+            "copy",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            &format!("docker://{reg_b}/team/img:v1"),
+            &format!("docker://{reg_b}/team/img:v2"),
+        ]),
+        &b,
+    );
+    let out = run(
+        skopeo(&auth).args([
+            "list-tags",
+            "--tls-verify=false",
+            &format!("docker://{reg_a}/team/img"),
+        ]),
+        &a,
+    );
+    assert_eq!(json(&out)["Tags"], serde_json::json!(["v1", "v2"]));
+    let out = run(
+        skopeo(&auth).args([
+            "inspect",
+            "--tls-verify=false",
+            "--raw",
+            &format!("docker://{reg_a}/team/img:v2"),
+        ]),
+        &a,
+    );
+    assert_eq!(out.stdout, v1.manifest);
 }
