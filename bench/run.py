@@ -28,6 +28,8 @@ import time
 import urllib.parse
 import urllib.request
 
+import pg_bench
+
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
 GARAGE_VERSION = "2.5.0"
@@ -582,8 +584,10 @@ def wrk(url, seconds, headers=(), cpus=None):
         argv = ["taskset", "-c", cpus, *argv]
     for h in headers:
         argv += ["-H", h]
-    r = run([*argv, url], timeout=seconds + 60)
-    out = r.stdout
+    return parse_wrk(run([*argv, url], timeout=seconds + 60).stdout)
+
+
+def parse_wrk(out):
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     lat = {}
     for pct in ("50", "99"):
@@ -596,8 +600,11 @@ def wrk(url, seconds, headers=(), cpus=None):
             "non2xx3xx": int(bad.group(1)) if bad else 0, "socket_errors": errs.group(0) if errs else ""}
 
 
-def hey(url, seconds, method="HEAD"):
-    r = run(["hey", "-z", f"{seconds}s", "-c", str(CONN), "-m", method, url], timeout=seconds + 60)
+def hey(url, seconds, method="HEAD", cpus=None):
+    argv = ["hey", "-z", f"{seconds}s", "-c", str(CONN), "-m", method, url]
+    if cpus:
+        argv = ["taskset", "-c", cpus, *argv]
+    r = run(argv, timeout=seconds + 60)
     out = r.stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     lat = {}
@@ -878,6 +885,8 @@ def main():
     ap.add_argument("--no-build", action="store_true", help="use target/release/berth as it is")
     ap.add_argument("--out", default=os.path.join(BENCH, "results"), help="results directory")
     ap.add_argument("--report", metavar="JSON", help="only re-render the .md report of a results .json")
+    ap.add_argument("--only", metavar="SECTIONS", default="",
+                    help="comma-separated: run only these sections (pg), not the core ones")
     ap.add_argument("--wait-quiet", type=int, default=0, metavar="SECONDS",
                     help="first wait up to SECONDS for other processes to use < 0.3 cores for 10 s")
     args = ap.parse_args()
@@ -940,6 +949,8 @@ def bench(args, work, stamp):
     }
     R = {"meta": {}, "params": P, "small": {}, "blob_get": {}, "redirect": {}, "concurrent": {},
          "push": {}, "pull": {}, "big_push": {}}
+    # Sections beyond the core ones, each in a module of its own: all unless --only names some.
+    sections = set(filter(None, args.only.split(","))) or {"pg"}
 
     # ---- tools
     ensure_apt({"docker-registry": "docker-registry", "hey": "hey", "wrk": "wrk",
@@ -1012,270 +1023,279 @@ def bench(args, work, stamp):
         time.sleep(0.3)
         return out, counter_delta(before, garage.counters())
 
-    # ---- push (3 x 64 MiB): wall time, peak RSS, S3 requests; one fresh image per repetition,
-    # rounds interleaved across registries
-    rows = {reg.name: [] for reg in regs}
-    for i in range(P["reps"]):
+    core = not args.only
+    if core:
+        # ---- push (3 x 64 MiB): wall time, peak RSS, S3 requests; one fresh image per repetition,
+        # rounds interleaved across registries
+        rows = {reg.name: [] for reg in regs}
+        for i in range(P["reps"]):
+            for reg in regs:
+                img = push_imgs[imgset(reg.name)][i]
+                reg.reset_hwm()
+                cpu0, g0, c0 = cpu_seconds(reg.pid), cpu_seconds(garage.proc.pid), children_cpu()
+                # Dirty pages from earlier steps (images, earlier pushes) written back first, so that
+                # no push pays for another's writeback in its fsyncs.
+                os.sync()
+                m0 = metadata_time(reg)
+                secs, s3 = quiet_counters(reg, lambda: skopeo_push(img, reg, f"bench/push{i}"))
+                rows[reg.name].append({"seconds": secs, "hwm": reg.hwm(), "s3": s3, "s3_total": sum(s3.values()),
+                                       "cpu_s": cpu_seconds(reg.pid) - cpu0,
+                                       "garage_cpu_s": cpu_seconds(garage.proc.pid) - g0,
+                                       "client_cpu_s": children_cpu() - c0,
+                                       **(metadata_delta(m0, metadata_time(reg)) if m0 else {})})
         for reg in regs:
-            img = push_imgs[imgset(reg.name)][i]
-            reg.reset_hwm()
-            cpu0, g0, c0 = cpu_seconds(reg.pid), cpu_seconds(garage.proc.pid), children_cpu()
-            # Dirty pages from earlier steps (images, earlier pushes) written back first, so that
-            # no push pays for another's writeback in its fsyncs.
+            R["push"][reg.name] = _agg(rows[reg.name])
+            p = R["push"][reg.name]
+            log(f"push {reg.name}: {fmt(p['seconds'], 2)} s, RSS {fmt(p['hwm'], 1, 1 / MiB)} MiB, "
+                f"S3 {fmt(p['s3_total'])}" + (f", {fmt(p['meta_writes'])} metadata writes taking "
+                                              f"{fmt(p['meta_write_s'], 3)} s" if "meta_writes" in p else ""))
+        # direct PUT of layers of the same size (own bytes) to Garage: the ceiling for a push
+        rows = []
+        for i, img in enumerate(push_imgs["direct"]):
             os.sync()
-            m0 = metadata_time(reg)
-            secs, s3 = quiet_counters(reg, lambda: skopeo_push(img, reg, f"bench/push{i}"))
-            rows[reg.name].append({"seconds": secs, "hwm": reg.hwm(), "s3": s3, "s3_total": sum(s3.values()),
-                                   "cpu_s": cpu_seconds(reg.pid) - cpu0,
-                                   "garage_cpu_s": cpu_seconds(garage.proc.pid) - g0,
-                                   "client_cpu_s": children_cpu() - c0,
-                                   **(metadata_delta(m0, metadata_time(reg)) if m0 else {})})
-    for reg in regs:
-        R["push"][reg.name] = _agg(rows[reg.name])
-        p = R["push"][reg.name]
-        log(f"push {reg.name}: {fmt(p['seconds'], 2)} s, RSS {fmt(p['hwm'], 1, 1 / MiB)} MiB, "
-            f"S3 {fmt(p['s3_total'])}" + (f", {fmt(p['meta_writes'])} metadata writes taking "
-                                          f"{fmt(p['meta_write_s'], 3)} s" if "meta_writes" in p else ""))
-    # direct PUT of layers of the same size (own bytes) to Garage: the ceiling for a push
-    rows = []
-    for i, img in enumerate(push_imgs["direct"]):
-        os.sync()
-        t, g0, c0 = time.monotonic(), cpu_seconds(garage.proc.pid), children_cpu()
-        for j, l in enumerate(img["layers"]):
-            curl_put(presign("PUT", garage.endpoint, "direct", f"push{i}/layer{j}", garage.key_id,
-                             garage.secret), blob_path(img, l["digest"]))
-        rows.append({"seconds": time.monotonic() - t, "garage_cpu_s": cpu_seconds(garage.proc.pid) - g0,
-                     "client_cpu_s": children_cpu() - c0})
-    R["push"]["garage-direct"] = _agg(rows)
+            t, g0, c0 = time.monotonic(), cpu_seconds(garage.proc.pid), children_cpu()
+            for j, l in enumerate(img["layers"]):
+                curl_put(presign("PUT", garage.endpoint, "direct", f"push{i}/layer{j}", garage.key_id,
+                                 garage.secret), blob_path(img, l["digest"]))
+            rows.append({"seconds": time.monotonic() - t, "garage_cpu_s": cpu_seconds(garage.proc.pid) - g0,
+                         "client_cpu_s": children_cpu() - c0})
+        R["push"]["garage-direct"] = _agg(rows)
 
-    # ---- small and big images
-    for reg in regs:
-        skopeo_push(small_img, reg, "bench/small")
-        big_img = big_imgs[imgset(reg.name)]
-        os.sync()
-        reg.reset_hwm()
-        cpu0, g0, c0 = cpu_seconds(reg.pid), cpu_seconds(garage.proc.pid), children_cpu()
-        secs, s3 = quiet_counters(reg, lambda: skopeo_push(big_img, reg, "bench/big"))
-        R["big_push"][reg.name] = {"seconds": secs, "hwm": reg.hwm(), "s3_total": sum(s3.values()),
-                                   "s3": s3, "cpu_s": cpu_seconds(reg.pid) - cpu0,
-                                   "garage_cpu_s": cpu_seconds(garage.proc.pid) - g0,
-                                   "client_cpu_s": children_cpu() - c0, "bytes": big_img["bytes"]}
-        log(f"big push {reg.name}: {secs:.2f} s, RSS {reg.hwm() / MiB:.1f} MiB")
-    # GET ceilings: berth's own layers, stored again straight into the direct bucket (they share
-    # Garage's blocks with berth's copies, so both GETs read the same block files)
-    curl_put(presign("PUT", garage.endpoint, "direct", "layer64", garage.key_id, garage.secret),
-             blob_path(push_imgs["berth"][0], layer64("berth")["digest"]))
-    curl_put(presign("PUT", garage.endpoint, "direct", "big", garage.key_id, garage.secret),
-             blob_path(big_imgs["berth"], big_layer("berth")["digest"]))
-
-    # ---- pull (3 x 64 MiB), rounds interleaved
-    pulldir = os.path.join(work, "pull")
-    rows = {reg.name: [] for reg in regs}
-    for i in range(P["reps"]):
+        # ---- small and big images
         for reg in regs:
+            skopeo_push(small_img, reg, "bench/small")
+            big_img = big_imgs[imgset(reg.name)]
+            os.sync()
             reg.reset_hwm()
             cpu0, g0, c0 = cpu_seconds(reg.pid), cpu_seconds(garage.proc.pid), children_cpu()
-            secs, s3 = quiet_counters(reg, lambda: skopeo_pull(reg, f"bench/push{i}", "latest", pulldir))
-            rows[reg.name].append({"seconds": secs, "hwm": reg.hwm(), "s3": s3, "s3_total": sum(s3.values()),
-                                   "cpu_s": cpu_seconds(reg.pid) - cpu0,
-                                   "garage_cpu_s": cpu_seconds(garage.proc.pid) - g0,
-                                   "client_cpu_s": children_cpu() - c0})
-    shutil.rmtree(pulldir, ignore_errors=True)
-    for reg in regs:
-        R["pull"][reg.name] = _agg(rows[reg.name])
-        log(f"pull {reg.name}: {fmt(R['pull'][reg.name]['seconds'], 2)} s, "
-            f"RSS {fmt(R['pull'][reg.name]['hwm'], 1, 1 / MiB)} MiB, S3 {fmt(R['pull'][reg.name]['s3_total'])}")
-    rows = []
-    for i in range(P["reps"]):
-        t, g0, c0 = time.monotonic(), cpu_seconds(garage.proc.pid), children_cpu()
-        for j in range(3):
-            curl_get(presign("GET", garage.endpoint, "direct", f"push{i}/layer{j}", garage.key_id,
-                             garage.secret))
-        rows.append({"seconds": time.monotonic() - t, "garage_cpu_s": cpu_seconds(garage.proc.pid) - g0,
-                     "client_cpu_s": children_cpu() - c0})
-    R["pull"]["garage-direct"] = _agg(rows)
+            secs, s3 = quiet_counters(reg, lambda: skopeo_push(big_img, reg, "bench/big"))
+            R["big_push"][reg.name] = {"seconds": secs, "hwm": reg.hwm(), "s3_total": sum(s3.values()),
+                                       "s3": s3, "cpu_s": cpu_seconds(reg.pid) - cpu0,
+                                       "garage_cpu_s": cpu_seconds(garage.proc.pid) - g0,
+                                       "client_cpu_s": children_cpu() - c0, "bytes": big_img["bytes"]}
+            log(f"big push {reg.name}: {secs:.2f} s, RSS {reg.hwm() / MiB:.1f} MiB")
+        # GET ceilings: berth's own layers, stored again straight into the direct bucket (they share
+        # Garage's blocks with berth's copies, so both GETs read the same block files)
+        curl_put(presign("PUT", garage.endpoint, "direct", "layer64", garage.key_id, garage.secret),
+                 blob_path(push_imgs["berth"][0], layer64("berth")["digest"]))
+        curl_put(presign("PUT", garage.endpoint, "direct", "big", garage.key_id, garage.secret),
+                 blob_path(big_imgs["berth"], big_layer("berth")["digest"]))
 
-    # ---- small requests: manifest GET by tag, HEAD blob, tags/list, _catalog
-    for reg in regs:
-        R["small"][reg.name] = {}
-        cases = {
-            "manifest_get": ("wrk", f"{reg.base}/v2/bench/small/manifests/latest", [f"Accept: {OCI_MANIFEST}"]),
-            "blob_head": ("hey", f"{reg.base}/v2/bench/small/blobs/{small_img['layers'][0]['digest']}", None),
-            "tags_list": ("wrk", f"{reg.base}/v2/bench/small/tags/list", []),
-            "catalog": ("wrk", f"{reg.base}/v2/_catalog", []),
-        }
-        for case, (tool, url, headers) in cases.items():
-            _check_status(url, "HEAD" if tool == "hey" else "GET", 200, headers or [])
-            if P["warmup_seconds"]:
-                (wrk(url, P["warmup_seconds"], headers) if tool == "wrk" else hey(url, P["warmup_seconds"]))
-            rows = []
-            for _ in range(P["reps"]):
-                cpu0 = cpu_seconds(reg.pid)
-                row = wrk(url, P["load_seconds"], headers) if tool == "wrk" else hey(url, P["load_seconds"])
-                # the registry's CPU per request: what the client's share of the cores does not skew
-                row["cpu_us_per_req"] = (cpu_seconds(reg.pid) - cpu0) * 1e6 / max(1, row["requests"])
-                rows.append(row)
-            R["small"][reg.name][case] = _agg(rows)
-            s = R["small"][reg.name][case]
-            log(f"{case} {reg.name}: {fmt(s['rps'])} req/s, p50 {fmt(s['p50_ms'], 2)} ms, p99 {fmt(s['p99_ms'], 2)} ms")
+        # ---- pull (3 x 64 MiB), rounds interleaved
+        pulldir = os.path.join(work, "pull")
+        rows = {reg.name: [] for reg in regs}
+        for i in range(P["reps"]):
+            for reg in regs:
+                reg.reset_hwm()
+                cpu0, g0, c0 = cpu_seconds(reg.pid), cpu_seconds(garage.proc.pid), children_cpu()
+                secs, s3 = quiet_counters(reg, lambda: skopeo_pull(reg, f"bench/push{i}", "latest", pulldir))
+                rows[reg.name].append({"seconds": secs, "hwm": reg.hwm(), "s3": s3, "s3_total": sum(s3.values()),
+                                       "cpu_s": cpu_seconds(reg.pid) - cpu0,
+                                       "garage_cpu_s": cpu_seconds(garage.proc.pid) - g0,
+                                       "client_cpu_s": children_cpu() - c0})
+        shutil.rmtree(pulldir, ignore_errors=True)
+        for reg in regs:
+            R["pull"][reg.name] = _agg(rows[reg.name])
+            log(f"pull {reg.name}: {fmt(R['pull'][reg.name]['seconds'], 2)} s, "
+                f"RSS {fmt(R['pull'][reg.name]['hwm'], 1, 1 / MiB)} MiB, S3 {fmt(R['pull'][reg.name]['s3_total'])}")
+        rows = []
+        for i in range(P["reps"]):
+            t, g0, c0 = time.monotonic(), cpu_seconds(garage.proc.pid), children_cpu()
+            for j in range(3):
+                curl_get(presign("GET", garage.endpoint, "direct", f"push{i}/layer{j}", garage.key_id,
+                                 garage.secret))
+            rows.append({"seconds": time.monotonic() - t, "garage_cpu_s": cpu_seconds(garage.proc.pid) - g0,
+                         "client_cpu_s": children_cpu() - c0})
+        R["pull"]["garage-direct"] = _agg(rows)
 
-    # ---- manifest GET again with wrk on a core of its own and the registry on the others, as when
-    # clients are other machines: wrk takes ~0.7 core, and on shared cores it takes the more CPU
-    # from a registry the faster that registry answers. A second berth with its access log on
-    # (its default) shows what the log costs. Rounds interleaved.
-    ncpu = os.cpu_count() or 1
-    pinning = ncpu >= 2 and shutil.which("taskset")
-    if pinning:
-        ccpu, every = str(ncpu - 1), f"0-{ncpu - 1}"
-        rest = "0" if ncpu == 2 else f"0-{ncpu - 2}"
-        R["small_pinned"] = {"client_cpus": ccpu, "registry_cpus": rest}
-        berth_log = berth_registry("berth-accesslog", berth_bin, work, garage, "berth", free_port(), "proxy",
-                                   os.path.join(work, "berth-accesslog", "data"), access_log=True)
-        berth_log.start()
-        skopeo_push(small_img, berth_log, "bench/small")
-        pinned = (berth, berth_log, dist_fs)
-        headers = [f"Accept: {OCI_MANIFEST}"]
-        rows = {reg.name: [] for reg in pinned}
-        try:
-            for reg in pinned:
-                run(["taskset", "-a", "-p", "-c", rest, str(reg.pid)])
+        # ---- small requests: manifest GET by tag, HEAD blob, tags/list, _catalog
+        for reg in regs:
+            R["small"][reg.name] = {}
+            cases = {
+                "manifest_get": ("wrk", f"{reg.base}/v2/bench/small/manifests/latest", [f"Accept: {OCI_MANIFEST}"]),
+                "blob_head": ("hey", f"{reg.base}/v2/bench/small/blobs/{small_img['layers'][0]['digest']}", None),
+                "tags_list": ("wrk", f"{reg.base}/v2/bench/small/tags/list", []),
+                "catalog": ("wrk", f"{reg.base}/v2/_catalog", []),
+            }
+            for case, (tool, url, headers) in cases.items():
+                _check_status(url, "HEAD" if tool == "hey" else "GET", 200, headers or [])
                 if P["warmup_seconds"]:
-                    wrk(f"{reg.base}/v2/bench/small/manifests/latest", P["warmup_seconds"], headers, cpus=ccpu)
-            for _ in range(P["reps"]):
-                for reg in pinned:
+                    (wrk(url, P["warmup_seconds"], headers) if tool == "wrk" else hey(url, P["warmup_seconds"]))
+                rows = []
+                for _ in range(P["reps"]):
                     cpu0 = cpu_seconds(reg.pid)
-                    row = wrk(f"{reg.base}/v2/bench/small/manifests/latest", P["load_seconds"], headers, cpus=ccpu)
+                    row = wrk(url, P["load_seconds"], headers) if tool == "wrk" else hey(url, P["load_seconds"])
+                    # the registry's CPU per request: what the client's share of the cores does not skew
                     row["cpu_us_per_req"] = (cpu_seconds(reg.pid) - cpu0) * 1e6 / max(1, row["requests"])
-                    rows[reg.name].append(row)
-        finally:
-            for reg in pinned:
-                run(["taskset", "-a", "-p", "-c", every, str(reg.pid)], check=False)
-            berth_log.stop()
-        for reg in pinned:
-            R["small_pinned"][reg.name] = _agg(rows[reg.name])
-            s = R["small_pinned"][reg.name]
-            log(f"manifest_get {reg.name}, wrk on CPU {ccpu}: {fmt(s['rps'])} req/s, "
-                f"p50 {fmt(s['p50_ms'], 2)} ms, p99 {fmt(s['p99_ms'], 2)} ms, "
-                f"{fmt(s['cpu_us_per_req'], 1)} µs CPU/req")
+                    rows.append(row)
+                R["small"][reg.name][case] = _agg(rows)
+                s = R["small"][reg.name][case]
+                log(f"{case} {reg.name}: {fmt(s['rps'])} req/s, p50 {fmt(s['p50_ms'], 2)} ms, p99 {fmt(s['p99_ms'], 2)} ms")
 
-    # ---- single-stream blob GET: 64 MiB and big, through each registry and direct from Garage.
-    # Rounds are interleaved (every path once per round) so that drift in machine load hits
-    # all paths alike; one untimed warm-up round first.
-    for label, layer_of, reps, key in (("64MiB", layer64, P["small_get_reps"], "layer64"),
-                                       ("big", big_layer, P["big_get_reps"], "big")):
-        size = layer_of("berth")["size"]
-        R["blob_get"][label] = {"bytes": size}
-        repo = "push0" if label == "64MiB" else "big"
-        paths = [(r.name, f"{r.base}/v2/bench/{repo}/blobs/{layer_of(r.name)['digest']}", r) for r in regs]
-        paths.append(("garage-direct", None, None))
-        rows = {name: [] for name, _, _ in paths}
-        for rnd in range(reps + 1):
-            for name, url, reg in paths:
+        # ---- manifest GET again with wrk on a core of its own and the registry on the others, as when
+        # clients are other machines: wrk takes ~0.7 core, and on shared cores it takes the more CPU
+        # from a registry the faster that registry answers. A second berth with its access log on
+        # (its default) shows what the log costs. Rounds interleaved.
+        ncpu = os.cpu_count() or 1
+        pinning = ncpu >= 2 and shutil.which("taskset")
+        if pinning:
+            ccpu, every = str(ncpu - 1), f"0-{ncpu - 1}"
+            rest = "0" if ncpu == 2 else f"0-{ncpu - 2}"
+            R["small_pinned"] = {"client_cpus": ccpu, "registry_cpus": rest}
+            berth_log = berth_registry("berth-accesslog", berth_bin, work, garage, "berth", free_port(), "proxy",
+                                       os.path.join(work, "berth-accesslog", "data"), access_log=True)
+            berth_log.start()
+            skopeo_push(small_img, berth_log, "bench/small")
+            pinned = (berth, berth_log, dist_fs)
+            headers = [f"Accept: {OCI_MANIFEST}"]
+            rows = {reg.name: [] for reg in pinned}
+            try:
+                for reg in pinned:
+                    run(["taskset", "-a", "-p", "-c", rest, str(reg.pid)])
+                    if P["warmup_seconds"]:
+                        wrk(f"{reg.base}/v2/bench/small/manifests/latest", P["warmup_seconds"], headers, cpus=ccpu)
+                for _ in range(P["reps"]):
+                    for reg in pinned:
+                        cpu0 = cpu_seconds(reg.pid)
+                        row = wrk(f"{reg.base}/v2/bench/small/manifests/latest", P["load_seconds"], headers, cpus=ccpu)
+                        row["cpu_us_per_req"] = (cpu_seconds(reg.pid) - cpu0) * 1e6 / max(1, row["requests"])
+                        rows[reg.name].append(row)
+            finally:
+                for reg in pinned:
+                    run(["taskset", "-a", "-p", "-c", every, str(reg.pid)], check=False)
+                berth_log.stop()
+            for reg in pinned:
+                R["small_pinned"][reg.name] = _agg(rows[reg.name])
+                s = R["small_pinned"][reg.name]
+                log(f"manifest_get {reg.name}, wrk on CPU {ccpu}: {fmt(s['rps'])} req/s, "
+                    f"p50 {fmt(s['p50_ms'], 2)} ms, p99 {fmt(s['p99_ms'], 2)} ms, "
+                    f"{fmt(s['cpu_us_per_req'], 1)} µs CPU/req")
+
+        # ---- single-stream blob GET: 64 MiB and big, through each registry and direct from Garage.
+        # Rounds are interleaved (every path once per round) so that drift in machine load hits
+        # all paths alike; one untimed warm-up round first.
+        for label, layer_of, reps, key in (("64MiB", layer64, P["small_get_reps"], "layer64"),
+                                           ("big", big_layer, P["big_get_reps"], "big")):
+            size = layer_of("berth")["size"]
+            R["blob_get"][label] = {"bytes": size}
+            repo = "push0" if label == "64MiB" else "big"
+            paths = [(r.name, f"{r.base}/v2/bench/{repo}/blobs/{layer_of(r.name)['digest']}", r) for r in regs]
+            paths.append(("garage-direct", None, None))
+            rows = {name: [] for name, _, _ in paths}
+            for rnd in range(reps + 1):
+                for name, url, reg in paths:
+                    if reg:
+                        reg.reset_hwm()
+                        cpu0 = cpu_seconds(reg.pid)
+                    u = url or presign("GET", garage.endpoint, "direct", key, garage.key_id, garage.secret)
+                    gcpu0 = cpu_seconds(garage.proc.pid)
+                    n, secs = curl_get(u)
+                    if n != size:
+                        raise RuntimeError(f"{name}: got {n} bytes of {size}")
+                    if rnd:
+                        rows[name].append({"mbps": n / secs / 1e6, "hwm": reg.hwm() if reg else None,
+                                           "cpu_s": cpu_seconds(reg.pid) - cpu0 if reg else None,
+                                           "garage_cpu_s": cpu_seconds(garage.proc.pid) - gcpu0})
+            for name, _, _ in paths:
+                R["blob_get"][label][name] = _agg(rows[name])
+                log(f"GET {label} {name}: {fmt(R['blob_get'][label][name]['mbps'])} MB/s")
+
+        # ---- the same GETs with Garage on a core of its own (taskset), registries and curl on the
+        # others, as when the object store runs on other machines: what proxying costs when Garage,
+        # which is CPU-bound at ~300 MB/s on one stream, does not compete with the registry and curl
+        if pinning:
+            gcpu = str(ncpu - 1)
+            R["blob_get_pinned"] = {"garage_cpus": gcpu, "other_cpus": rest}
+            try:
+                run(["taskset", "-a", "-p", "-c", gcpu, str(garage.proc.pid)])
+                for r in regs:
+                    run(["taskset", "-a", "-p", "-c", rest, str(r.pid)])
+                for label, layer_of, reps, key in (("64MiB", layer64, P["small_get_reps"], "layer64"),
+                                                   ("big", big_layer, P["big_get_reps"], "big")):
+                    repo = "push0" if label == "64MiB" else "big"
+                    paths = [(r.name, f"{r.base}/v2/bench/{repo}/blobs/{layer_of(r.name)['digest']}", r)
+                             for r in (berth, dist_s3)] + [("garage-direct", None, None)]
+                    rows = {name: [] for name, _, _ in paths}
+                    for rnd in range(reps + 1):
+                        for name, url, reg in paths:
+                            u = url or presign("GET", garage.endpoint, "direct", key, garage.key_id, garage.secret)
+                            cpu0 = cpu_seconds(reg.pid) if reg else None
+                            gcpu0 = cpu_seconds(garage.proc.pid)
+                            n_, secs = curl_get(u, cpus=rest)
+                            if n_ != layer_of("berth")["size"]:
+                                raise RuntimeError(f"{name}: got {n_} bytes of {layer_of('berth')['size']}")
+                            if rnd:
+                                # Garage's CPU seconds per wall second on its one core: ~1.0 means
+                                # the object store, not the path in front of it, set the speed.
+                                gcpu_s = cpu_seconds(garage.proc.pid) - gcpu0
+                                rows[name].append({"mbps": n_ / secs / 1e6,
+                                                   "cpu_s": cpu_seconds(reg.pid) - cpu0 if reg else None,
+                                                   "garage_cpu_s": gcpu_s, "garage_busy": gcpu_s / secs})
+                    R["blob_get_pinned"][label] = {"bytes": layer_of("berth")["size"],
+                                                   **{name: _agg(rows[name]) for name, _, _ in paths}}
+                    log(f"GET {label}, Garage pinned: " + ", ".join(
+                        f"{name} {fmt(R['blob_get_pinned'][label][name]['mbps'])} MB/s" for name, _, _ in paths))
+            finally:
+                for pid in [garage.proc.pid] + [r.pid for r in regs]:
+                    run(["taskset", "-a", "-p", "-c", every, str(pid)], check=False)
+
+        # ---- 32 concurrent GETs of the same 64 MiB layer (interleaved rounds as well)
+        n = P["concurrent"]
+        paths = [(r.name, r) for r in regs] + [("garage-direct", None)]
+        rows = {name: [] for name, _ in paths}
+        for _ in range(1 if quick else P["reps"]):
+            for name, reg in paths:
+                url = (f"{reg.base}/v2/bench/push0/blobs/{layer64(name)['digest']}" if reg else
+                       presign("GET", garage.endpoint, "direct", "layer64", garage.key_id, garage.secret))
                 if reg:
                     reg.reset_hwm()
                     cpu0 = cpu_seconds(reg.pid)
-                u = url or presign("GET", garage.endpoint, "direct", key, garage.key_id, garage.secret)
                 gcpu0 = cpu_seconds(garage.proc.pid)
-                n, secs = curl_get(u)
-                if n != size:
-                    raise RuntimeError(f"{name}: got {n} bytes of {size}")
-                if rnd:
-                    rows[name].append({"mbps": n / secs / 1e6, "hwm": reg.hwm() if reg else None,
-                                       "cpu_s": cpu_seconds(reg.pid) - cpu0 if reg else None,
-                                       "garage_cpu_s": cpu_seconds(garage.proc.pid) - gcpu0})
-        for name, _, _ in paths:
-            R["blob_get"][label][name] = _agg(rows[name])
-            log(f"GET {label} {name}: {fmt(R['blob_get'][label][name]['mbps'])} MB/s")
+                mbps, wall = concurrent_get(url, n, layer64(name)["size"])
+                rows[name].append({"mbps": mbps, "seconds": wall, "hwm": reg.hwm() if reg else None,
+                                   "cpu_s": cpu_seconds(reg.pid) - cpu0 if reg else None,
+                                   "garage_cpu_s": cpu_seconds(garage.proc.pid) - gcpu0})
+        for name, _ in paths:
+            R["concurrent"][name] = _agg(rows[name])
+            log(f"{n} x GET 64MiB {name}: {fmt(R['concurrent'][name]['mbps'])} MB/s aggregate, "
+                f"RSS {fmt(R['concurrent'][name]['hwm'], 1, 1 / MiB)} MiB")
 
-    # ---- the same GETs with Garage on a core of its own (taskset), registries and curl on the
-    # others, as when the object store runs on other machines: what proxying costs when Garage,
-    # which is CPU-bound at ~300 MB/s on one stream, does not compete with the registry and curl
-    if pinning:
-        gcpu = str(ncpu - 1)
-        R["blob_get_pinned"] = {"garage_cpus": gcpu, "other_cpus": rest}
-        try:
-            run(["taskset", "-a", "-p", "-c", gcpu, str(garage.proc.pid)])
-            for r in regs:
-                run(["taskset", "-a", "-p", "-c", rest, str(r.pid)])
-            for label, layer_of, reps, key in (("64MiB", layer64, P["small_get_reps"], "layer64"),
-                                               ("big", big_layer, P["big_get_reps"], "big")):
-                repo = "push0" if label == "64MiB" else "big"
-                paths = [(r.name, f"{r.base}/v2/bench/{repo}/blobs/{layer_of(r.name)['digest']}", r)
-                         for r in (berth, dist_s3)] + [("garage-direct", None, None)]
-                rows = {name: [] for name, _, _ in paths}
-                for rnd in range(reps + 1):
-                    for name, url, reg in paths:
-                        u = url or presign("GET", garage.endpoint, "direct", key, garage.key_id, garage.secret)
-                        cpu0 = cpu_seconds(reg.pid) if reg else None
-                        gcpu0 = cpu_seconds(garage.proc.pid)
-                        n_, secs = curl_get(u, cpus=rest)
-                        if n_ != layer_of("berth")["size"]:
-                            raise RuntimeError(f"{name}: got {n_} bytes of {layer_of('berth')['size']}")
-                        if rnd:
-                            # Garage's CPU seconds per wall second on its one core: ~1.0 means
-                            # the object store, not the path in front of it, set the speed.
-                            gcpu_s = cpu_seconds(garage.proc.pid) - gcpu0
-                            rows[name].append({"mbps": n_ / secs / 1e6,
-                                               "cpu_s": cpu_seconds(reg.pid) - cpu0 if reg else None,
-                                               "garage_cpu_s": gcpu_s, "garage_busy": gcpu_s / secs})
-                R["blob_get_pinned"][label] = {"bytes": layer_of("berth")["size"],
-                                               **{name: _agg(rows[name]) for name, _, _ in paths}}
-                log(f"GET {label}, Garage pinned: " + ", ".join(
-                    f"{name} {fmt(R['blob_get_pinned'][label][name]['mbps'])} MB/s" for name, _, _ in paths))
-        finally:
-            for pid in [garage.proc.pid] + [r.pid for r in regs]:
-                run(["taskset", "-a", "-p", "-c", every, str(pid)], check=False)
+        # ---- concurrent chunked uploads, and manifest GET p99 while they run
+        R["uploads"] = upload_load(P, quick, work, berth, dist_s3, lambda: berth_registry(
+            "berth-nobudget", berth_bin, work, garage, "berth", free_port(), "proxy",
+            os.path.join(work, "berth-nobudget", "data"), extra="upload:\n  buffer_budget: 64GiB\n"))
 
-    # ---- 32 concurrent GETs of the same 64 MiB layer (interleaved rounds as well)
-    n = P["concurrent"]
-    paths = [(r.name, r) for r in regs] + [("garage-direct", None)]
-    rows = {name: [] for name, _ in paths}
-    for _ in range(1 if quick else P["reps"]):
-        for name, reg in paths:
-            url = (f"{reg.base}/v2/bench/push0/blobs/{layer64(name)['digest']}" if reg else
-                   presign("GET", garage.endpoint, "direct", "layer64", garage.key_id, garage.secret))
-            if reg:
-                reg.reset_hwm()
+        # ---- redirect mode: 307 answers per second (and the redirected download)
+        berth.stop()
+        berth_r = berth_registry("berth-redirect", berth_bin, work, garage, "berth", berth_port,
+                                 "redirect", berth_data)
+        berth_r.start()
+        for reg in (berth_r, dist_s3r):
+            url = f"{reg.base}/v2/bench/push0/blobs/{layer64(reg.name)['digest']}"
+            _check_status(url, "GET", 307, [])
+            if P["warmup_seconds"]:
+                wrk(url, P["warmup_seconds"])
+            rows = []
+            for _ in range(P["reps"]):
                 cpu0 = cpu_seconds(reg.pid)
-            gcpu0 = cpu_seconds(garage.proc.pid)
-            mbps, wall = concurrent_get(url, n, layer64(name)["size"])
-            rows[name].append({"mbps": mbps, "seconds": wall, "hwm": reg.hwm() if reg else None,
-                               "cpu_s": cpu_seconds(reg.pid) - cpu0 if reg else None,
-                               "garage_cpu_s": cpu_seconds(garage.proc.pid) - gcpu0})
-    for name, _ in paths:
-        R["concurrent"][name] = _agg(rows[name])
-        log(f"{n} x GET 64MiB {name}: {fmt(R['concurrent'][name]['mbps'])} MB/s aggregate, "
-            f"RSS {fmt(R['concurrent'][name]['hwm'], 1, 1 / MiB)} MiB")
+                row = wrk(url, P["load_seconds"])
+                row["cpu_us_per_req"] = (cpu_seconds(reg.pid) - cpu0) * 1e6 / max(1, row["requests"])
+                rows.append(row)
+            R["redirect"][reg.name] = {"307": _agg(rows)}
+            rows = []
+            for _ in range(P["reps"]):
+                n_, secs = curl_get(url, follow=True)
+                rows.append({"mbps": n_ / secs / 1e6})
+            R["redirect"][reg.name]["get_64MiB_follow"] = _agg(rows)
+            log(f"307 {reg.name}: {fmt(R['redirect'][reg.name]['307']['rps'])} req/s, "
+                f"p99 {fmt(R['redirect'][reg.name]['307']['p99_ms'], 2)} ms")
 
-    # ---- concurrent chunked uploads, and manifest GET p99 while they run
-    R["uploads"] = upload_load(P, quick, work, berth, dist_s3, lambda: berth_registry(
-        "berth-nobudget", berth_bin, work, garage, "berth", free_port(), "proxy",
-        os.path.join(work, "berth-nobudget", "data"), extra="upload:\n  buffer_budget: 64GiB\n"))
-
-    # ---- redirect mode: 307 answers per second (and the redirected download)
-    berth.stop()
-    berth_r = berth_registry("berth-redirect", berth_bin, work, garage, "berth", berth_port,
-                             "redirect", berth_data)
-    berth_r.start()
-    for reg in (berth_r, dist_s3r):
-        url = f"{reg.base}/v2/bench/push0/blobs/{layer64(reg.name)['digest']}"
-        _check_status(url, "GET", 307, [])
-        if P["warmup_seconds"]:
-            wrk(url, P["warmup_seconds"])
-        rows = []
-        for _ in range(P["reps"]):
-            cpu0 = cpu_seconds(reg.pid)
-            row = wrk(url, P["load_seconds"])
-            row["cpu_us_per_req"] = (cpu_seconds(reg.pid) - cpu0) * 1e6 / max(1, row["requests"])
-            rows.append(row)
-        R["redirect"][reg.name] = {"307": _agg(rows)}
-        rows = []
-        for _ in range(P["reps"]):
-            n_, secs = curl_get(url, follow=True)
-            rows.append({"mbps": n_ / secs / 1e6})
-        R["redirect"][reg.name]["get_64MiB_follow"] = _agg(rows)
-        log(f"307 {reg.name}: {fmt(R['redirect'][reg.name]['307']['rps'])} req/s, "
-            f"p99 {fmt(R['redirect'][reg.name]['307']['p99_ms'], 2)} ms")
+    # ---- the sections of other modules (bench/*_bench.py)
+    if "pg" in sections:
+        if not core:
+            skopeo_push(small_img, dist_fs, "bench/small")
+        R["postgres"] = pg_bench.section(sys.modules[__name__], P, work, garage, berth_bin, dist_s3,
+                                         dist_fs, small_img, imgdir)
 
     R["meta"]["load_after"] = load_snapshot()
     R["meta"]["other_processes"] = monitor.stop()
@@ -1393,123 +1413,125 @@ def targets_of(R):
         T.append({"target": name, "value": value, "unit": unit, "threshold": threshold,
                   "ratio": ratio, "pass": bool(ok), "note": note, "info": info})
 
-    sm = R["small"]
-    b, dfs, ds3 = "berth", "dist-fs", "dist-s3"
-    # Where the run has them, the rows with the client (manifest GET) or Garage (blob GET) on a
-    # core of its own are the targets; the all-shared rows stay as information. See bench/README.md.
-    pinned_small = R.get("small_pinned")
-    pinned_blob = pinned_blobs(R)
-    r = med(sm[b]["manifest_get"]["rps"]) / med(sm[dfs]["manifest_get"]["rps"])
-    if pinned_small:
-        pb, pd = pinned_small[b], pinned_small[dfs]
-        rp = med(pb["rps"]) / med(pd["rps"])
-        add("manifest GET req/s >= 25x distribution (filesystem), wrk on a core of its own",
-            med(pb["rps"]), "req/s", ">= 25x", rp >= 25, rp)
-    if pinned_small and "berth-accesslog" in pinned_small:
-        rl = med(pinned_small["berth-accesslog"]["rps"]) / med(pinned_small[b]["rps"])
-        add("(info) manifest GET req/s with berth's access log on (its default) vs off, wrk on a core of its own",
-            med(pinned_small["berth-accesslog"]["rps"]), "req/s", "(0.9x)", rl >= 0.9, rl, info=True)
-    add(("(info) " if pinned_small else "") + "manifest GET req/s >= 25x distribution (filesystem)"
-        + (", wrk sharing the registry's cores" if pinned_small else ""),
-        med(sm[b]["manifest_get"]["rps"]), "req/s", ">= 25x", r >= 25, r, info=bool(pinned_small))
-    p99 = med(sm[b]["manifest_get"]["p99_ms"])
-    add("manifest GET p99 < 5 ms at 32 connections" + (", wrk sharing the registry's cores" if pinned_small else ""),
-        p99, "ms", "< 5 ms", p99 < 5)
-    if "cpu_us_per_req" in sm[b]["manifest_get"]:
-        cb, cd = med(sm[b]["manifest_get"]["cpu_us_per_req"]), med(sm[dfs]["manifest_get"]["cpu_us_per_req"])
-        add("(info) manifest GET server CPU per request: distribution (filesystem) / berth", cb, "µs/req",
-            "(25x)", cd / cb >= 25, cd / cb, info=True)
-    def backend_bound(pg, other):
-        """A note when Garage's one core was (nearly) saturated on both compared paths."""
-        busy = [med(pg[n].get("garage_busy")) for n in (b, other)]
-        if all(x is not None and x >= 0.95 for x in busy):
-            return (f"backend-bound: Garage's core {busy[0] * 100:.0f}% busy during berth's GETs, "
-                    f"{busy[1] * 100:.0f}% during {other}'s")
-        return ""
+    if R.get("small"):  # the core sections ran (not `--only`)
+        sm = R["small"]
+        b, dfs, ds3 = "berth", "dist-fs", "dist-s3"
+        # Where the run has them, the rows with the client (manifest GET) or Garage (blob GET) on a
+        # core of its own are the targets; the all-shared rows stay as information. See bench/README.md.
+        pinned_small = R.get("small_pinned")
+        pinned_blob = pinned_blobs(R)
+        r = med(sm[b]["manifest_get"]["rps"]) / med(sm[dfs]["manifest_get"]["rps"])
+        if pinned_small:
+            pb, pd = pinned_small[b], pinned_small[dfs]
+            rp = med(pb["rps"]) / med(pd["rps"])
+            add("manifest GET req/s >= 25x distribution (filesystem), wrk on a core of its own",
+                med(pb["rps"]), "req/s", ">= 25x", rp >= 25, rp)
+        if pinned_small and "berth-accesslog" in pinned_small:
+            rl = med(pinned_small["berth-accesslog"]["rps"]) / med(pinned_small[b]["rps"])
+            add("(info) manifest GET req/s with berth's access log on (its default) vs off, wrk on a core of its own",
+                med(pinned_small["berth-accesslog"]["rps"]), "req/s", "(0.9x)", rl >= 0.9, rl, info=True)
+        add(("(info) " if pinned_small else "") + "manifest GET req/s >= 25x distribution (filesystem)"
+            + (", wrk sharing the registry's cores" if pinned_small else ""),
+            med(sm[b]["manifest_get"]["rps"]), "req/s", ">= 25x", r >= 25, r, info=bool(pinned_small))
+        p99 = med(sm[b]["manifest_get"]["p99_ms"])
+        add("manifest GET p99 < 5 ms at 32 connections" + (", wrk sharing the registry's cores" if pinned_small else ""),
+            p99, "ms", "< 5 ms", p99 < 5)
+        if "cpu_us_per_req" in sm[b]["manifest_get"]:
+            cb, cd = med(sm[b]["manifest_get"]["cpu_us_per_req"]), med(sm[dfs]["manifest_get"]["cpu_us_per_req"])
+            add("(info) manifest GET server CPU per request: distribution (filesystem) / berth", cb, "µs/req",
+                "(25x)", cd / cb >= 25, cd / cb, info=True)
+        def backend_bound(pg, other):
+            """A note when Garage's one core was (nearly) saturated on both compared paths."""
+            busy = [med(pg[n].get("garage_busy")) for n in (b, other)]
+            if all(x is not None and x >= 0.95 for x in busy):
+                return (f"backend-bound: Garage's core {busy[0] * 100:.0f}% busy during berth's GETs, "
+                        f"{busy[1] * 100:.0f}% during {other}'s")
+            return ""
 
-    for label in ("64MiB", "big"):
-        g = R["blob_get"][label]
-        size = f"{g['bytes'] / MiB:,.0f} MiB"
-        pg = pinned_blob.get(label)
-        if pg:
-            rp = med(pg[b]["mbps"]) / med(pg["garage-direct"]["mbps"])
-            add(f"blob GET {size} through berth >= 0.95x direct Garage GET, Garage on a core of its own",
-                med(pg[b]["mbps"]), "MB/s", ">= 0.95x", rp >= 0.95, rp,
-                note=backend_bound(pg, "garage-direct"))
-        r1 = med(g[b]["mbps"]) / med(g["garage-direct"]["mbps"])
-        add(("(info) " if pg else "") + f"blob GET {size} through berth >= 0.95x direct Garage GET"
-            + (", Garage sharing the cores" if pg else ""),
-            med(g[b]["mbps"]), "MB/s", ">= 0.95x", r1 >= 0.95, r1, info=bool(pg))
-        r2 = med(g[b]["mbps"]) / med(g[ds3]["mbps"])
-        add(f"blob GET {size} through berth >= distribution proxied (S3)", med(g[b]["mbps"]), "MB/s",
-            ">= 1x", r2 >= 1, r2)
-        if pg:
-            r3 = med(pg[b]["mbps"]) / med(pg[ds3]["mbps"])
-            add(f"blob GET {size} through berth >= distribution proxied (S3), Garage on a core of its own",
-                med(pg[b]["mbps"]), "MB/s", ">= 1x", r3 >= 1, r3, note=backend_bound(pg, ds3))
-            # Rounds are interleaved, so sample i of every path comes from the same round: the
-            # median of the per-round ratios is less moved by the VM's speed drifting between
-            # rounds than the ratio of medians.
-            for other, want in (("garage-direct", 0.95), (ds3, 1.0)):
-                pr = paired_ratio(pg[b]["mbps"], pg[other]["mbps"])
-                if pr is not None:
-                    add(f"(info) blob GET {size}, Garage on a core of its own: berth / {other}, median of "
-                        "per-round ratios", med(pg[b]["mbps"]), "MB/s", f"({want:g}x)", pr >= want, pr, info=True)
-    c = R["concurrent"]
-    r = med(c[b]["mbps"]) / med(c["garage-direct"]["mbps"])
-    add("(info) 32 concurrent GETs of 64 MiB: berth vs direct Garage, aggregate", med(c[b]["mbps"]), "MB/s",
-        "(0.95x)", r >= 0.95, r, info=True)
-    r = med(c[b]["mbps"]) / med(c[ds3]["mbps"])
-    add("(info) 32 concurrent GETs of 64 MiB: berth vs distribution proxied (S3), aggregate",
-        med(c[b]["mbps"]), "MB/s", "(1x)", r >= 1, r, info=True)
-    r = med(c[b]["hwm"]) / med(c[ds3]["hwm"])
-    add("(info) 32 concurrent GETs of 64 MiB: berth peak RSS vs distribution (S3)",
-        med(c[b]["hwm"]) / MiB, "MiB", "(0.5x)", r <= 0.5, r, info=True)
-    p = R["push"]
-    r = med(p[ds3]["seconds"]) / med(p[b]["seconds"])
-    add("push 3x64 MiB >= 2x faster than distribution (same Garage)", med(p[b]["seconds"]), "s",
-        ">= 2x", r >= 2, r)
-    r = med(p[b]["s3_total"]) / med(p[ds3]["s3_total"])
-    add("push 3x64 MiB S3 requests <= 1/4 of distribution's", med(p[b]["s3_total"]), "requests",
-        "<= 0.25x", r <= 0.25, r)
-    for phase in ("push", "pull"):
-        h = med(R[phase][b]["hwm"]) / MiB
-        add(f"peak RSS during {phase} <= 40 MiB", h, "MiB", "<= 40 MiB", h <= 40)
-        r = med(R[phase][b]["hwm"]) / med(R[phase][ds3]["hwm"])
-        add(f"peak RSS during {phase} <= 1/2 of distribution's (S3)", h, "MiB", "<= 0.5x", r <= 0.5, r)
-    # flat as blob size grows: peak RSS with the big blob vs with 64 MiB layers
-    bp = R["big_push"][b]["hwm"] / med(p[b]["hwm"])
-    add(f"flat: peak RSS pushing {R['params']['big_layer'] // MiB} MiB vs 3x64 MiB (berth)",
-        R["big_push"][b]["hwm"] / MiB, "MiB", "<= 1.25x", bp <= 1.25, bp)
-    bg = med(R["blob_get"]["big"][b]["hwm"]) / med(R["blob_get"]["64MiB"][b]["hwm"])
-    add(f"flat: peak RSS GET {R['params']['big_layer'] // MiB} MiB vs 64 MiB (berth)",
-        med(R["blob_get"]["big"][b]["hwm"]) / MiB, "MiB", "<= 1.25x", bg <= 1.25, bg)
-    tg = med(R["blob_get"]["big"][b]["mbps"]) / med(R["blob_get"]["64MiB"][b]["mbps"])
-    add(f"flat: GET MB/s {R['params']['big_layer'] // MiB} MiB vs 64 MiB (berth)",
-        med(R["blob_get"]["big"][b]["mbps"]), "MB/s", ">= 0.9x", tg >= 0.9, tg)
-    U = R.get("uploads")
-    if U:
-        size, limit = U["bytes"] // MiB, (U["budget"] + 64 * MiB) / MiB
-        for n, row in U["levels"].items():
-            u = row[b]
-            add(f"{n} concurrent chunked uploads of {size} MiB: all succeed, berth peak RSS <= budget "
-                f"({U['budget'] // MiB} MiB) + 64 MiB", u["hwm"] / MiB, "MiB", f"<= {limit:.0f} MiB",
-                u["ok"] == u["n"] and u["hwm"] / MiB <= limit,
-                note="" if u["ok"] == u["n"] else f"{u['ok']} of {u['n']} succeeded")
-            d = row.get(ds3, {})
-            if "hwm" in d:
-                add(f"(info) {n} concurrent chunked uploads of {size} MiB: distribution (S3) peak RSS",
-                    d["hwm"] / MiB, "MiB", "(berth's)", u["hwm"] <= d["hwm"], u["hwm"] / d["hwm"],
-                    note="" if d["ok"] == d["n"] else f"{d['ok']} of {d['n']} succeeded", info=True)
-        row = U["levels"].get("32", {})
-        if "berth-nobudget" in row:
-            r = row[b]["mbps"] / row["berth-nobudget"]["mbps"]
-            add(f"32 concurrent chunked uploads of {size} MiB: aggregate throughput with the budget >= 0.9x "
-                "without", row[b]["mbps"], "MB/s", ">= 0.9x", r >= 0.9, r)
-        mp = U["manifest_p99"]
-        idle, busy = med(mp["idle"]["p99_ms"]), med(mp["uploading"]["p99_ms"])
-        add("manifest GET p99 at 32 connections while 32 uploads run <= 2x idle", busy, "ms", "<= 2x",
-            busy <= 2 * idle, busy / idle)
+        for label in ("64MiB", "big"):
+            g = R["blob_get"][label]
+            size = f"{g['bytes'] / MiB:,.0f} MiB"
+            pg = pinned_blob.get(label)
+            if pg:
+                rp = med(pg[b]["mbps"]) / med(pg["garage-direct"]["mbps"])
+                add(f"blob GET {size} through berth >= 0.95x direct Garage GET, Garage on a core of its own",
+                    med(pg[b]["mbps"]), "MB/s", ">= 0.95x", rp >= 0.95, rp,
+                    note=backend_bound(pg, "garage-direct"))
+            r1 = med(g[b]["mbps"]) / med(g["garage-direct"]["mbps"])
+            add(("(info) " if pg else "") + f"blob GET {size} through berth >= 0.95x direct Garage GET"
+                + (", Garage sharing the cores" if pg else ""),
+                med(g[b]["mbps"]), "MB/s", ">= 0.95x", r1 >= 0.95, r1, info=bool(pg))
+            r2 = med(g[b]["mbps"]) / med(g[ds3]["mbps"])
+            add(f"blob GET {size} through berth >= distribution proxied (S3)", med(g[b]["mbps"]), "MB/s",
+                ">= 1x", r2 >= 1, r2)
+            if pg:
+                r3 = med(pg[b]["mbps"]) / med(pg[ds3]["mbps"])
+                add(f"blob GET {size} through berth >= distribution proxied (S3), Garage on a core of its own",
+                    med(pg[b]["mbps"]), "MB/s", ">= 1x", r3 >= 1, r3, note=backend_bound(pg, ds3))
+                # Rounds are interleaved, so sample i of every path comes from the same round: the
+                # median of the per-round ratios is less moved by the VM's speed drifting between
+                # rounds than the ratio of medians.
+                for other, want in (("garage-direct", 0.95), (ds3, 1.0)):
+                    pr = paired_ratio(pg[b]["mbps"], pg[other]["mbps"])
+                    if pr is not None:
+                        add(f"(info) blob GET {size}, Garage on a core of its own: berth / {other}, median of "
+                            "per-round ratios", med(pg[b]["mbps"]), "MB/s", f"({want:g}x)", pr >= want, pr, info=True)
+        c = R["concurrent"]
+        r = med(c[b]["mbps"]) / med(c["garage-direct"]["mbps"])
+        add("(info) 32 concurrent GETs of 64 MiB: berth vs direct Garage, aggregate", med(c[b]["mbps"]), "MB/s",
+            "(0.95x)", r >= 0.95, r, info=True)
+        r = med(c[b]["mbps"]) / med(c[ds3]["mbps"])
+        add("(info) 32 concurrent GETs of 64 MiB: berth vs distribution proxied (S3), aggregate",
+            med(c[b]["mbps"]), "MB/s", "(1x)", r >= 1, r, info=True)
+        r = med(c[b]["hwm"]) / med(c[ds3]["hwm"])
+        add("(info) 32 concurrent GETs of 64 MiB: berth peak RSS vs distribution (S3)",
+            med(c[b]["hwm"]) / MiB, "MiB", "(0.5x)", r <= 0.5, r, info=True)
+        p = R["push"]
+        r = med(p[ds3]["seconds"]) / med(p[b]["seconds"])
+        add("push 3x64 MiB >= 2x faster than distribution (same Garage)", med(p[b]["seconds"]), "s",
+            ">= 2x", r >= 2, r)
+        r = med(p[b]["s3_total"]) / med(p[ds3]["s3_total"])
+        add("push 3x64 MiB S3 requests <= 1/4 of distribution's", med(p[b]["s3_total"]), "requests",
+            "<= 0.25x", r <= 0.25, r)
+        for phase in ("push", "pull"):
+            h = med(R[phase][b]["hwm"]) / MiB
+            add(f"peak RSS during {phase} <= 40 MiB", h, "MiB", "<= 40 MiB", h <= 40)
+            r = med(R[phase][b]["hwm"]) / med(R[phase][ds3]["hwm"])
+            add(f"peak RSS during {phase} <= 1/2 of distribution's (S3)", h, "MiB", "<= 0.5x", r <= 0.5, r)
+        # flat as blob size grows: peak RSS with the big blob vs with 64 MiB layers
+        bp = R["big_push"][b]["hwm"] / med(p[b]["hwm"])
+        add(f"flat: peak RSS pushing {R['params']['big_layer'] // MiB} MiB vs 3x64 MiB (berth)",
+            R["big_push"][b]["hwm"] / MiB, "MiB", "<= 1.25x", bp <= 1.25, bp)
+        bg = med(R["blob_get"]["big"][b]["hwm"]) / med(R["blob_get"]["64MiB"][b]["hwm"])
+        add(f"flat: peak RSS GET {R['params']['big_layer'] // MiB} MiB vs 64 MiB (berth)",
+            med(R["blob_get"]["big"][b]["hwm"]) / MiB, "MiB", "<= 1.25x", bg <= 1.25, bg)
+        tg = med(R["blob_get"]["big"][b]["mbps"]) / med(R["blob_get"]["64MiB"][b]["mbps"])
+        add(f"flat: GET MB/s {R['params']['big_layer'] // MiB} MiB vs 64 MiB (berth)",
+            med(R["blob_get"]["big"][b]["mbps"]), "MB/s", ">= 0.9x", tg >= 0.9, tg)
+        U = R.get("uploads")
+        if U:
+            size, limit = U["bytes"] // MiB, (U["budget"] + 64 * MiB) / MiB
+            for n, row in U["levels"].items():
+                u = row[b]
+                add(f"{n} concurrent chunked uploads of {size} MiB: all succeed, berth peak RSS <= budget "
+                    f"({U['budget'] // MiB} MiB) + 64 MiB", u["hwm"] / MiB, "MiB", f"<= {limit:.0f} MiB",
+                    u["ok"] == u["n"] and u["hwm"] / MiB <= limit,
+                    note="" if u["ok"] == u["n"] else f"{u['ok']} of {u['n']} succeeded")
+                d = row.get(ds3, {})
+                if "hwm" in d:
+                    add(f"(info) {n} concurrent chunked uploads of {size} MiB: distribution (S3) peak RSS",
+                        d["hwm"] / MiB, "MiB", "(berth's)", u["hwm"] <= d["hwm"], u["hwm"] / d["hwm"],
+                        note="" if d["ok"] == d["n"] else f"{d['ok']} of {d['n']} succeeded", info=True)
+            row = U["levels"].get("32", {})
+            if "berth-nobudget" in row:
+                r = row[b]["mbps"] / row["berth-nobudget"]["mbps"]
+                add(f"32 concurrent chunked uploads of {size} MiB: aggregate throughput with the budget >= 0.9x "
+                    "without", row[b]["mbps"], "MB/s", ">= 0.9x", r >= 0.9, r)
+            mp = U["manifest_p99"]
+            idle, busy = med(mp["idle"]["p99_ms"]), med(mp["uploading"]["p99_ms"])
+            add("manifest GET p99 at 32 connections while 32 uploads run <= 2x idle", busy, "ms", "<= 2x",
+                busy <= 2 * idle, busy / idle)
+    pg_bench.targets(R, add, med)
     return T
 
 
@@ -1558,124 +1580,126 @@ def report(R):
       "issue: diagnostics (CPU per request, 32 concurrent downloads) and, where the run has the "
       "pinned rows, the same measurement with every process sharing the 2 cores.\n")
 
-    w(f"## Small requests ({CONN} connections)\n")
-    w("| request | registry | req/s | p50 ms | p99 ms | registry CPU µs/request |")
-    w("| --- | --- | ---: | ---: | ---: | ---: |")
-    for case in ("manifest_get", "blob_head", "tags_list", "catalog"):
-        for reg, cases in R["small"].items():
-            s = cases[case]
-            w(f"| {case} | {reg} | {fmt(s['rps'])} | {fmt(s['p50_ms'], 2)} | {fmt(s['p99_ms'], 2)} | "
-              f"{fmt(s.get('cpu_us_per_req'), 1)} |")
-    for reg, d in R["redirect"].items():
-        s = d["307"]
-        w(f"| blob GET → 307 | {reg} | {fmt(s['rps'])} | {fmt(s['p50_ms'], 2)} | {fmt(s['p99_ms'], 2)} | "
-          f"{fmt(s.get('cpu_us_per_req'), 1)} |")
-    w("")
-    w("The client (wrk/hey) runs on the same cores: the faster the registry, the larger the share of the CPU "
-      "the client takes from it. Registry CPU per request does not depend on that.\n")
-    if "small_pinned" in R:
-        g = R["small_pinned"]
-        w(f"### manifest GET with wrk pinned to CPU {g['client_cpus']} (registry on CPUs {g['registry_cpus']})\n")
+    if R.get("small"):  # the core sections ran (not `--only`)
+        w(f"## Small requests ({CONN} connections)\n")
         w("| request | registry | req/s | p50 ms | p99 ms | registry CPU µs/request |")
         w("| --- | --- | ---: | ---: | ---: | ---: |")
-        for reg, s in g.items():
-            if isinstance(s, dict):
-                w(f"| manifest_get | {reg} | {fmt(s['rps'])} | {fmt(s['p50_ms'], 2)} | {fmt(s['p99_ms'], 2)} | "
+        for case in ("manifest_get", "blob_head", "tags_list", "catalog"):
+            for reg, cases in R["small"].items():
+                s = cases[case]
+                w(f"| {case} | {reg} | {fmt(s['rps'])} | {fmt(s['p50_ms'], 2)} | {fmt(s['p99_ms'], 2)} | "
                   f"{fmt(s.get('cpu_us_per_req'), 1)} |")
+        for reg, d in R["redirect"].items():
+            s = d["307"]
+            w(f"| blob GET → 307 | {reg} | {fmt(s['rps'])} | {fmt(s['p50_ms'], 2)} | {fmt(s['p99_ms'], 2)} | "
+              f"{fmt(s.get('cpu_us_per_req'), 1)} |")
         w("")
-
-    w("## Blob GET, one stream (curl)\n")
-    w("| blob | path | MB/s | registry peak RSS MiB | registry CPU s | Garage CPU s |")
-    w("| --- | --- | ---: | ---: | ---: | ---: |")
-    for label, g in R["blob_get"].items():
-        size = f"{g['bytes'] / MiB:,.0f} MiB"
-        for name, s in g.items():
-            if name == "bytes":
-                continue
-            w(f"| {size} | {name} | {fmt(s['mbps'])} | {fmt(s['hwm'], 1, mib)} | {fmt(s['cpu_s'], 2)} | "
-              f"{fmt(s['garage_cpu_s'], 2)} |")
-    for reg, d in R["redirect"].items():
-        w(f"| 64 MiB | {reg} (307, curl -L) | {fmt(d['get_64MiB_follow']['mbps'])} | | | |")
-    w("")
-
-    if "blob_get_pinned" in R:
-        g = R["blob_get_pinned"]
-        w(f"### The same GETs with Garage pinned to CPU {g['garage_cpus']} (registries and curl on CPUs "
-          f"{g['other_cpus']})\n")
-        w("| blob | path | MB/s | registry CPU s | Garage CPU s | Garage's core busy |")
-        w("| --- | --- | ---: | ---: | ---: | ---: |")
-        for label, pg in pinned_blobs(R).items():
-            size = f"{pg.get('bytes', 64 * MiB) / MiB:,.0f} MiB"
-            for name, s in pg.items():
+        w("The client (wrk/hey) runs on the same cores: the faster the registry, the larger the share of the CPU "
+          "the client takes from it. Registry CPU per request does not depend on that.\n")
+        if "small_pinned" in R:
+            g = R["small_pinned"]
+            w(f"### manifest GET with wrk pinned to CPU {g['client_cpus']} (registry on CPUs {g['registry_cpus']})\n")
+            w("| request | registry | req/s | p50 ms | p99 ms | registry CPU µs/request |")
+            w("| --- | --- | ---: | ---: | ---: | ---: |")
+            for reg, s in g.items():
                 if isinstance(s, dict):
-                    busy = s.get("garage_busy")
-                    w(f"| {size} | {name} | {fmt(s['mbps'])} | {fmt(s.get('cpu_s'), 2)} | "
-                      f"{fmt(s.get('garage_cpu_s'), 2)} | {fmt(busy, 0, 100) + ' %' if busy else ''} |")
-        w("")
-    w(f"## {P['concurrent']} concurrent GETs of the same 64 MiB layer\n")
-    w("| path | aggregate MB/s | wall s | registry peak RSS MiB | registry CPU s | Garage CPU s |")
-    w("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, s in R["concurrent"].items():
-        w(f"| {name} | {fmt(s['mbps'])} | {fmt(s['seconds'], 2)} | {fmt(s['hwm'], 1, mib)} | {fmt(s['cpu_s'], 2)} | "
-          f"{fmt(s['garage_cpu_s'], 2)} |")
-    w("")
+                    w(f"| manifest_get | {reg} | {fmt(s['rps'])} | {fmt(s['p50_ms'], 2)} | {fmt(s['p99_ms'], 2)} | "
+                      f"{fmt(s.get('cpu_us_per_req'), 1)} |")
+            w("")
 
-    U = R.get("uploads")
-    if U:
-        w(f"## Concurrent chunked uploads of {U['bytes'] // MiB} MiB (POST + one chunked PATCH + PUT, curl)\n")
-        w(f"berth with its default `upload.buffer_budget` ({U['budget'] // MiB} MiB); `berth-nobudget` has a "
-          "64 GiB budget (never binding). Each blob has its own last 64 bytes (its own digest); the rest is "
-          "shared, which Garage stores once.\n")
-        w("| uploads | registry | succeeded | aggregate MB/s | wall s | peak RSS MiB | registry CPU s | waits for budget |")
-        w("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for n, row in U["levels"].items():
-            for name, u in row.items():
-                if "skipped" in u:
-                    w(f"| {n} | {name} | skipped: {u['skipped']} | | | | | |")
+        w("## Blob GET, one stream (curl)\n")
+        w("| blob | path | MB/s | registry peak RSS MiB | registry CPU s | Garage CPU s |")
+        w("| --- | --- | ---: | ---: | ---: | ---: |")
+        for label, g in R["blob_get"].items():
+            size = f"{g['bytes'] / MiB:,.0f} MiB"
+            for name, s in g.items():
+                if name == "bytes":
                     continue
-                waited = u.get("waited")
-                w(f"| {n} | {name} | {u['ok']}/{u['n']} | {u['mbps']:,.0f} | {u['seconds']:.1f} | "
-                  f"{u['hwm'] * mib:,.1f} | {u['cpu_s']:.1f} | {'' if waited is None else f'{waited:.0f}'} |")
-        mp = U["manifest_p99"]
-        w("\nmanifest GET on berth, wrk -c32, idle and while 32 such uploads run (rounds interleaved):\n")
-        w("| berth | req/s | p50 ms | p99 ms |")
-        w("| --- | ---: | ---: | ---: |")
-        for k, s_ in mp.items():
-            w(f"| {k} | {fmt(s_['rps'])} | {fmt(s_['p50_ms'], 2)} | {fmt(s_['p99_ms'], 2)} |")
+                w(f"| {size} | {name} | {fmt(s['mbps'])} | {fmt(s['hwm'], 1, mib)} | {fmt(s['cpu_s'], 2)} | "
+                  f"{fmt(s['garage_cpu_s'], 2)} |")
+        for reg, d in R["redirect"].items():
+            w(f"| 64 MiB | {reg} (307, curl -L) | {fmt(d['get_64MiB_follow']['mbps'])} | | | |")
         w("")
 
-    w("## Push and pull of the 3 × 64 MiB image (skopeo)\n")
-    w("| phase | registry | wall s | peak RSS MiB | S3 requests | registry CPU s | Garage CPU s | client CPU s |")
-    w("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for phase in ("push", "pull"):
-        for name, s in R[phase].items():
-            w(f"| {phase} | {name} | {fmt(s['seconds'], 2)} | {fmt(s.get('hwm'), 1, mib)} | "
-              f"{fmt(s.get('s3_total'))} | {fmt(s.get('cpu_s'), 2)} | {fmt(s.get('garage_cpu_s'), 2)} | "
-              f"{fmt(s.get('client_cpu_s'), 2)} |")
-    for name, s in R["big_push"].items():
-        w(f"| push {P['big_layer'] // MiB} MiB layer | {name} | {s['seconds']:.2f} | {s['hwm'] * mib:.1f} | "
-          f"{s['s3_total']} | {s['cpu_s']:.2f} | {s['garage_cpu_s']:.2f} | {s['client_cpu_s']:.2f} |")
-    w("")
-    pb = R["push"].get("berth", {})
-    if "meta_writes" in pb:
-        w(f"berth's metadata writes during a push (each one redb commit with fsync): {fmt(pb['meta_writes'])}, "
-          f"taking {fmt(pb['meta_write_s'], 3)} s in all (time measured by berth's "
-          "`berth_metadata_operation_duration_seconds`).\n")
-    w("S3 requests by operation (first repetition; Garage `api_s3_request_counter` deltas, "
-      "only one registry active at a time):\n")
-    for phase in ("push", "pull"):
-        for name, s in R[phase].items():
-            if "s3" in s:
-                ops = ", ".join(f"{k} {v}" for k, v in s["s3"][0].items())
-                w(f"- {phase} {name}: {ops}")
-    for name, s in R["big_push"].items():
-        w(f"- push {P['big_layer'] // MiB} MiB {name}: {', '.join(f'{k} {v}' for k, v in s['s3'].items())}")
-    w("")
-    w("Peak RSS is VmHWM of the registry process, reset (`5` > /proc/PID/clear_refs) before each run. "
-      "`garage-direct` rows are curl PUT/GET on presigned URLs straight to Garage: the ceiling (PUT: its own "
-      "3 × 64 MiB layers, one after the other, since Garage deduplicates equal blocks; GET: the same objects "
-      "as the registries read). CPU s: utime+stime of the process (registry, Garage) or of the client "
-      "processes (skopeo, curl) during the run.")
+        if "blob_get_pinned" in R:
+            g = R["blob_get_pinned"]
+            w(f"### The same GETs with Garage pinned to CPU {g['garage_cpus']} (registries and curl on CPUs "
+              f"{g['other_cpus']})\n")
+            w("| blob | path | MB/s | registry CPU s | Garage CPU s | Garage's core busy |")
+            w("| --- | --- | ---: | ---: | ---: | ---: |")
+            for label, pg in pinned_blobs(R).items():
+                size = f"{pg.get('bytes', 64 * MiB) / MiB:,.0f} MiB"
+                for name, s in pg.items():
+                    if isinstance(s, dict):
+                        busy = s.get("garage_busy")
+                        w(f"| {size} | {name} | {fmt(s['mbps'])} | {fmt(s.get('cpu_s'), 2)} | "
+                          f"{fmt(s.get('garage_cpu_s'), 2)} | {fmt(busy, 0, 100) + ' %' if busy else ''} |")
+            w("")
+        w(f"## {P['concurrent']} concurrent GETs of the same 64 MiB layer\n")
+        w("| path | aggregate MB/s | wall s | registry peak RSS MiB | registry CPU s | Garage CPU s |")
+        w("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for name, s in R["concurrent"].items():
+            w(f"| {name} | {fmt(s['mbps'])} | {fmt(s['seconds'], 2)} | {fmt(s['hwm'], 1, mib)} | {fmt(s['cpu_s'], 2)} | "
+              f"{fmt(s['garage_cpu_s'], 2)} |")
+        w("")
+
+        U = R.get("uploads")
+        if U:
+            w(f"## Concurrent chunked uploads of {U['bytes'] // MiB} MiB (POST + one chunked PATCH + PUT, curl)\n")
+            w(f"berth with its default `upload.buffer_budget` ({U['budget'] // MiB} MiB); `berth-nobudget` has a "
+              "64 GiB budget (never binding). Each blob has its own last 64 bytes (its own digest); the rest is "
+              "shared, which Garage stores once.\n")
+            w("| uploads | registry | succeeded | aggregate MB/s | wall s | peak RSS MiB | registry CPU s | waits for budget |")
+            w("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+            for n, row in U["levels"].items():
+                for name, u in row.items():
+                    if "skipped" in u:
+                        w(f"| {n} | {name} | skipped: {u['skipped']} | | | | | |")
+                        continue
+                    waited = u.get("waited")
+                    w(f"| {n} | {name} | {u['ok']}/{u['n']} | {u['mbps']:,.0f} | {u['seconds']:.1f} | "
+                      f"{u['hwm'] * mib:,.1f} | {u['cpu_s']:.1f} | {'' if waited is None else f'{waited:.0f}'} |")
+            mp = U["manifest_p99"]
+            w("\nmanifest GET on berth, wrk -c32, idle and while 32 such uploads run (rounds interleaved):\n")
+            w("| berth | req/s | p50 ms | p99 ms |")
+            w("| --- | ---: | ---: | ---: |")
+            for k, s_ in mp.items():
+                w(f"| {k} | {fmt(s_['rps'])} | {fmt(s_['p50_ms'], 2)} | {fmt(s_['p99_ms'], 2)} |")
+            w("")
+
+        w("## Push and pull of the 3 × 64 MiB image (skopeo)\n")
+        w("| phase | registry | wall s | peak RSS MiB | S3 requests | registry CPU s | Garage CPU s | client CPU s |")
+        w("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for phase in ("push", "pull"):
+            for name, s in R[phase].items():
+                w(f"| {phase} | {name} | {fmt(s['seconds'], 2)} | {fmt(s.get('hwm'), 1, mib)} | "
+                  f"{fmt(s.get('s3_total'))} | {fmt(s.get('cpu_s'), 2)} | {fmt(s.get('garage_cpu_s'), 2)} | "
+                  f"{fmt(s.get('client_cpu_s'), 2)} |")
+        for name, s in R["big_push"].items():
+            w(f"| push {P['big_layer'] // MiB} MiB layer | {name} | {s['seconds']:.2f} | {s['hwm'] * mib:.1f} | "
+              f"{s['s3_total']} | {s['cpu_s']:.2f} | {s['garage_cpu_s']:.2f} | {s['client_cpu_s']:.2f} |")
+        w("")
+        pb = R["push"].get("berth", {})
+        if "meta_writes" in pb:
+            w(f"berth's metadata writes during a push (each one redb commit with fsync): {fmt(pb['meta_writes'])}, "
+              f"taking {fmt(pb['meta_write_s'], 3)} s in all (time measured by berth's "
+              "`berth_metadata_operation_duration_seconds`).\n")
+        w("S3 requests by operation (first repetition; Garage `api_s3_request_counter` deltas, "
+          "only one registry active at a time):\n")
+        for phase in ("push", "pull"):
+            for name, s in R[phase].items():
+                if "s3" in s:
+                    ops = ", ".join(f"{k} {v}" for k, v in s["s3"][0].items())
+                    w(f"- {phase} {name}: {ops}")
+        for name, s in R["big_push"].items():
+            w(f"- push {P['big_layer'] // MiB} MiB {name}: {', '.join(f'{k} {v}' for k, v in s['s3'].items())}")
+        w("")
+        w("Peak RSS is VmHWM of the registry process, reset (`5` > /proc/PID/clear_refs) before each run. "
+          "`garage-direct` rows are curl PUT/GET on presigned URLs straight to Garage: the ceiling (PUT: its own "
+          "3 × 64 MiB layers, one after the other, since Garage deduplicates equal blocks; GET: the same objects "
+          "as the registries read). CPU s: utime+stime of the process (registry, Garage) or of the client "
+          "processes (skopeo, curl) during the run.")
+    pg_bench.report(R, w, fmt)
     return "\n".join(L) + "\n"
 
 
