@@ -302,6 +302,10 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
+/// Default `storage.coalesce_window`: a few of the object store's reads behind the fastest
+/// client; 32 clients on one layer share one read within this much memory.
+pub const DEFAULT_COALESCE_WINDOW: u64 = 16 * 1024 * 1024;
+
 #[derive(Clone)]
 pub struct StorageConfig {
     /// None: start the embedded S3 endpoint under `<data_dir>/objects`.
@@ -317,6 +321,8 @@ pub struct StorageConfig {
     pub presign_ttl: Duration,
     /// PEM CA bundle trusted for an `https://` endpoint instead of the system roots.
     pub ca_bundle: Option<PathBuf>,
+    /// Bytes a client of a shared (coalesced) blob read may fall behind the fastest; 0: off.
+    pub coalesce_window: u64,
 }
 
 // Hand-written so the secret key never reaches a log line.
@@ -333,6 +339,7 @@ impl fmt::Debug for StorageConfig {
             .field("blob_serving", &self.blob_serving)
             .field("presign_ttl", &self.presign_ttl)
             .field("ca_bundle", &self.ca_bundle)
+            .field("coalesce_window", &self.coalesce_window)
             .finish()
     }
 }
@@ -454,6 +461,7 @@ struct RawStorage {
     blob_serving: Option<serde_yaml::Value>,
     presign_ttl: Option<serde_yaml::Value>,
     ca_bundle: Option<serde_yaml::Value>,
+    coalesce_window: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -676,6 +684,9 @@ impl Config {
             ca_bundle: r
                 .string("storage.ca_bundle", s.ca_bundle)?
                 .map(PathBuf::from),
+            coalesce_window: r
+                .size("storage.coalesce_window", s.coalesce_window)?
+                .unwrap_or(DEFAULT_COALESCE_WINDOW),
         };
 
         let u = raw.upload;

@@ -143,6 +143,10 @@ pub struct BlobMetrics {
     pub bytes_received: IntCounter,
     pub get_redirect: IntCounter,
     pub get_proxy: IntCounter,
+    /// Proxied GETs served from another GET's object-store read.
+    pub coalesced: IntCounter,
+    /// Coalesced GETs that fell behind the shared read and read the rest on their own.
+    pub coalesce_fallbacks: IntCounter,
 }
 
 pub static BLOBS: LazyLock<BlobMetrics> = LazyLock::new(|| {
@@ -162,6 +166,15 @@ pub static BLOBS: LazyLock<BlobMetrics> = LazyLock::new(|| {
         ),
         get_redirect: gets.with_label_values(&["redirect"]),
         get_proxy: gets.with_label_values(&["proxy"]),
+        coalesced: counter(
+            "berth_blob_coalesced_gets_total",
+            "Proxied blob GETs that joined another GET's object-store read instead of making one.",
+        ),
+        coalesce_fallbacks: counter(
+            "berth_blob_coalesce_fallbacks_total",
+            "Coalesced blob GETs that fell more than storage.coalesce_window behind and read the \
+             rest with an object-store GET of their own.",
+        ),
     }
 });
 

@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod embedded;
+pub mod shared_read;
 pub mod sigv4;
 
 use std::time::Duration;
@@ -144,6 +145,8 @@ pub struct ObjectStore {
     /// The embedded store's root, when berth runs it: parts of uploads that s3s-fs forgot
     /// (a crash inside CompleteMultipartUpload) are reclaimed from there.
     embedded_root: Option<std::path::PathBuf>,
+    /// Whole-object GETs in flight, which concurrent blob GETs of the same object share.
+    shared_reads: shared_read::SharedReads,
 }
 
 /// The parts of `storage.endpoint` the store needs.
@@ -279,6 +282,7 @@ impl ObjectStore {
             },
             prefix: cfg.prefix.clone(),
             embedded_root: None,
+            shared_reads: shared_read::SharedReads::new(cfg.coalesce_window),
         })
     }
 
@@ -383,6 +387,11 @@ impl ObjectStore {
         let ok = matches!(&result, Ok(r) if r.status().as_u16() < 400);
         STORE.observe(StoreOp::GetObject, ok, start.elapsed());
         Ok(ObjectStream { response: result? })
+    }
+
+    /// The reads concurrent blob GETs share (see [`shared_read`]).
+    pub fn shared_reads(&self) -> &shared_read::SharedReads {
+        &self.shared_reads
     }
 
     pub fn bucket(&self) -> &str {

@@ -77,6 +77,7 @@ fn cfg(endpoint: &str, bucket: &str, ak: &str, sk: &str) -> StorageConfig {
         blob_serving: BlobServing::Proxy,
         presign_ttl: Duration::from_secs(900),
         ca_bundle: None,
+        coalesce_window: crate::config::DEFAULT_COALESCE_WINDOW,
     }
 }
 
