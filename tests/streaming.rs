@@ -1421,6 +1421,9 @@ fn concurrent_blob_gets_share_object_store_reads() {
                     let (barrier, berth, digest) = (&barrier, &berth, &digest);
                     scope.spawn(move || {
                         let c = client();
+                        // Connected before the barrier: the GETs arrive together, as a
+                        // rollout's do, not spread by connection setup.
+                        assert_eq!(c.get(berth.url("/v2/")).send().unwrap().status(), 200);
                         barrier.wait();
                         let r = c
                             .get(berth.url(&format!("/v2/hot/layer/blobs/{digest}")))
@@ -1455,11 +1458,10 @@ fn concurrent_blob_gets_share_object_store_reads() {
         assert_eq!((*n, d.as_str()), (len, digest.as_str()));
     }
     eprintln!("[coalesce] {CLIENTS} concurrent GETs: {gets} object-store requests");
-    // Clients that arrive after every earlier one has passed the first chunk start a read of
-    // their own; on a loaded 2-core CI machine the 32 arrivals spread out. (The bench holds the
-    // target: <= 4 for 32 clients.) Without sharing this is 32.
+    // Without sharing this is 32; a client arriving after the read has moved on starts one of
+    // its own, hence not exactly 1.
     assert!(
-        gets <= 8,
+        gets <= 4,
         "{CLIENTS} concurrent GETs made {gets} object-store GETs"
     );
 
@@ -1479,7 +1481,7 @@ fn concurrent_blob_gets_share_object_store_reads() {
          done within {slowest_other:?}"
     );
     // The stalled client's own ranged GET on top of the shared reads.
-    assert!(gets <= 9, "{gets} object-store GETs");
+    assert!(gets <= 5, "{gets} object-store GETs");
     assert!(
         slowest_other < STALL,
         "a stalled client held the others back ({slowest_other:?})"

@@ -5,14 +5,16 @@
 //! object; readers that arrive while the read still holds the object's first byte join it.
 //! There is no background task: whichever reader needs a chunk nobody has read yet reads it
 //! from the object store (so the fastest client sets the pace), and a chunk stays in memory
-//! until every reader has passed it. A reader more than `window` bytes behind the fastest is
-//! cut loose and reads the rest on its own (a ranged GET from where it is): a slow client
-//! never holds the others back, and memory stays within `window` per object read however
-//! many clients share it.
+//! until every reader has passed it. The fastest reader may run at most `window` bytes ahead
+//! of the slowest; when it would run further, it waits for the slowest a moment
+//! ([`LAG_GRACE`]: clients on one machine or network jitter past each other), then cuts the
+//! slowest loose to read the rest on its own (a ranged GET from where it is). So a stalled
+//! client holds the others back for that moment at most, and memory stays within `window`
+//! per object read however many clients share it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -21,6 +23,19 @@ use super::{ObjectStore, ObjectStream};
 
 /// Longest wait for the next chunk from the object store before the read is abandoned.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The object's first bytes stay in memory this long after the read opens, even when its
+/// reader has passed them, so that clients arriving a moment later can still join (the GETs
+/// of a rollout arrive over some milliseconds, not at once)...
+const JOIN_PERIOD: Duration = Duration::from_millis(25);
+/// ...up to this much while one client reads (a lone GET holds little for others that may
+/// never come), up to the window once another has joined; each join extends the period.
+const LONE_PIN: u64 = 4 * 1024 * 1024;
+/// No read keeps its first bytes for joiners longer than this after it opened.
+const LONGEST_PIN: Duration = Duration::from_secs(1);
+/// How long the readers ahead wait for the slowest when the window is full, before cutting
+/// it loose.
+const LAG_GRACE: Duration = Duration::from_millis(250);
 
 /// The reads in flight, by object key.
 #[derive(Default)]
@@ -54,7 +69,6 @@ struct Shared {
     stream: tokio::sync::Mutex<Option<ObjectStream>>,
 }
 
-#[derive(Default)]
 struct State {
     /// None until the object store has answered.
     opened: Option<Result<Option<http::HeaderValue>, OpenError>>,
@@ -67,11 +81,64 @@ struct State {
     next_id: u64,
     /// Set when the object store's body ended or failed.
     end: Option<Result<(), String>>,
+    opened_at: Instant,
+    /// Until then (and within its byte limit), the first bytes are kept for joiners.
+    pin_until: Instant,
+    joins: u64,
+    /// Since when a reader ahead has been waiting for the slowest (the window is full).
+    full_since: Option<Instant>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        let now = Instant::now();
+        State {
+            opened: None,
+            chunks: VecDeque::new(),
+            base: 0,
+            head: 0,
+            readers: HashMap::new(),
+            next_id: 0,
+            end: None,
+            opened_at: now,
+            pin_until: now + JOIN_PERIOD,
+            joins: 0,
+            full_since: None,
+        }
+    }
 }
 
 impl State {
-    fn joinable(&self) -> bool {
-        self.base == 0 && !matches!(self.opened, Some(Err(_))) && !matches!(self.end, Some(Err(_)))
+    /// A joiner starts at the first byte: only while that is kept and within the window.
+    fn joinable(&self, window: u64) -> bool {
+        self.base == 0
+            && self.head < window
+            && !matches!(self.opened, Some(Err(_)))
+            && !matches!(self.end, Some(Err(_)))
+    }
+
+    fn slowest(&self) -> Option<u64> {
+        self.readers.values().min().copied()
+    }
+
+    /// Whether reading another chunk would take the fastest reader past the window.
+    fn full(&self, window: u64) -> bool {
+        self.slowest()
+            .is_some_and(|slowest| self.head - slowest >= window)
+    }
+
+    /// A client joining the read: the first bytes are kept a while longer for more.
+    fn join(&mut self) -> u64 {
+        self.joins += 1;
+        let until = (Instant::now() + 4 * JOIN_PERIOD).min(self.opened_at + LONGEST_PIN);
+        self.pin_until = self.pin_until.max(until);
+        self.add_reader()
+    }
+
+    /// Whether the object's first bytes are still kept for joiners.
+    fn pinned(&self, window: u64) -> bool {
+        let limit = if self.joins > 0 { window } else { LONE_PIN };
+        self.base == 0 && self.head <= limit && Instant::now() < self.pin_until
     }
 
     fn add_reader(&mut self) -> u64 {
@@ -81,16 +148,21 @@ impl State {
         id
     }
 
-    /// Cuts loose the readers more than `window` behind the head, then drops the chunks
-    /// every remaining reader has passed.
-    fn settle(&mut self, window: u64) {
-        while let Some(&slowest) = self.readers.values().min() {
-            if self.head - slowest <= window {
-                break;
-            }
+    /// Cuts the slowest readers loose: they read the rest on their own.
+    fn cut_slowest(&mut self) {
+        if let Some(slowest) = self.slowest() {
             self.readers.retain(|_, pos| *pos != slowest);
         }
-        let keep_from = self.readers.values().min().copied().unwrap_or(self.head);
+        self.full_since = None;
+    }
+
+    /// Drops the chunks every reader has passed (unless kept for joiners).
+    fn settle(&mut self, window: u64) {
+        let keep_from = if self.pinned(window) {
+            0
+        } else {
+            self.slowest().unwrap_or(self.head)
+        };
         while let Some(front) = self.chunks.front() {
             let end = self.base + front.len() as u64;
             if end > keep_from {
@@ -126,10 +198,10 @@ impl SharedReads {
             let mut open = self.open.lock().expect("shared reads lock");
             let joined = open.get(key).and_then(Weak::upgrade).and_then(|shared| {
                 let mut st = shared.state.lock().expect("shared read lock");
-                if !st.joinable() {
+                if !st.joinable(self.window) {
                     return None;
                 }
-                let id = st.add_reader();
+                let id = st.join();
                 drop(st);
                 Some((shared, id))
             });
@@ -172,6 +244,15 @@ impl SharedReads {
         }
         opened.map(|last_modified| (reader, last_modified))
     }
+}
+
+/// What a reader does next, decided under the state lock.
+enum Step {
+    /// Fetch the chunk at this offset (the head) from the object store.
+    Pull(u64),
+    /// The window is full: wait for the slowest reader until then.
+    WaitUntil(Instant),
+    Again,
 }
 
 /// One client's place in a shared read. Dropping it lets the read forget it.
@@ -218,7 +299,8 @@ impl SharedReader {
             let notified = self.shared.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let head = {
+            // Decided under the lock, awaited after it (a std guard must not live across an await).
+            let step = {
                 let mut st = self.shared.state.lock().expect("shared read lock");
                 if !st.readers.contains_key(&self.id) {
                     return Next::Behind(self.pos);
@@ -242,12 +324,42 @@ impl SharedReader {
                     self.pos += chunk.len() as u64;
                     st.readers.insert(self.id, self.pos);
                     st.settle(self.window);
+                    if st.full_since.is_some() {
+                        // A reader ahead waits for the slowest: this may have been it.
+                        drop(st);
+                        self.shared.changed.notify_waiters();
+                    }
                     return Next::Chunk(chunk);
                 }
                 match &st.end {
                     Some(Ok(())) => return Next::End,
                     Some(Err(e)) => return Next::Failed(e.clone()),
-                    None => st.head,
+                    None => {}
+                }
+                if st.full(self.window) {
+                    // Wait for the slowest a moment, then cut it loose.
+                    let since = *st.full_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() < LAG_GRACE {
+                        Step::WaitUntil(since + LAG_GRACE)
+                    } else {
+                        st.cut_slowest();
+                        st.settle(self.window);
+                        Step::Again
+                    }
+                } else {
+                    st.full_since = None;
+                    Step::Pull(st.head)
+                }
+            };
+            let head = match step {
+                Step::Pull(head) => head,
+                Step::Again => continue,
+                Step::WaitUntil(deadline) => {
+                    tokio::select! {
+                        _ = &mut notified => {}
+                        _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {}
+                    }
+                    continue;
                 }
             };
             // Nobody has this chunk yet: fetch it, unless another reader already is.
@@ -298,7 +410,10 @@ mod tests {
     use super::*;
 
     fn state(readers: &[u64], chunks: &[usize]) -> State {
-        let mut st = State::default();
+        let mut st = State {
+            pin_until: Instant::now(), // no pin: see the pin's own test
+            ..State::default()
+        };
         for &len in chunks {
             st.head += len as u64;
             st.chunks.push_back(Bytes::from(vec![0u8; len]));
@@ -321,21 +436,52 @@ mod tests {
     }
 
     #[test]
-    fn a_reader_past_the_window_is_cut_loose() {
+    fn the_window_fills_then_the_slowest_is_cut_loose() {
         let mut st = state(&[0, 12], &[4, 4, 4, 4]);
-        st.settle(10);
-        // The reader at 0 is 16 behind the head: cut; the one at 12 keeps the last chunk.
+        assert!(st.full(16));
+        assert!(!st.full(17));
+        st.cut_slowest();
+        st.settle(16);
+        // The reader at 0 is out; the one at 12 keeps the last chunk.
         assert_eq!(st.readers.values().copied().collect::<Vec<_>>(), vec![12]);
         assert_eq!((st.base, st.chunks.len()), (12, 1));
-        assert!(!st.joinable());
+        assert!(!st.full(16));
+        assert!(!st.joinable(16));
+    }
+
+    #[test]
+    fn first_bytes_kept_for_joiners_a_moment_and_within_limits() {
+        let pinned = |readers: &[u64], chunks: &[usize], joins: u64| {
+            let mut st = state(readers, chunks);
+            st.pin_until = Instant::now() + Duration::from_secs(60);
+            st.joins = joins;
+            st.settle(100);
+            st.base
+        };
+        // A lone reader past the first chunk: kept while within LONE_PIN.
+        assert_eq!(pinned(&[10], &[5, 5], 0), 0);
+        // Past LONE_PIN alone: dropped; with a joiner, kept up to the window.
+        let big = LONE_PIN as usize;
+        assert_eq!(pinned(&[big as u64], &[big, 5], 0), big as u64);
+        let mut st = state(&[big as u64 + 5, big as u64 + 5], &[big, 5]);
+        st.pin_until = Instant::now() + Duration::from_secs(60);
+        st.joins = 1;
+        st.settle(u64::MAX);
+        assert_eq!(st.base, 0);
+        // Once the period is over, passed chunks go.
+        assert_eq!(pinned(&[10], &[5, 5], 0), 0);
+        let mut st = state(&[10], &[5, 5]);
+        st.settle(100);
+        assert_eq!(st.base, 10);
     }
 
     #[test]
     fn joinable_only_while_the_first_byte_is_held() {
         let st = state(&[0], &[4]);
-        assert!(st.joinable());
+        assert!(st.joinable(100));
+        assert!(!st.joinable(4)); // the first byte is there, but a joiner would be past the window
         let mut st = state(&[4], &[4, 4]);
         st.settle(100);
-        assert!(!st.joinable());
+        assert!(!st.joinable(100));
     }
 }
