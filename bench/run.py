@@ -28,6 +28,8 @@ import time
 import urllib.parse
 import urllib.request
 
+import gc_bench
+import import_bench
 import pg_bench
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -886,7 +888,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(BENCH, "results"), help="results directory")
     ap.add_argument("--report", metavar="JSON", help="only re-render the .md report of a results .json")
     ap.add_argument("--only", metavar="SECTIONS", default="",
-                    help="comma-separated: run only these sections (pg), not the core ones")
+                    help="comma-separated: run only these sections (pg, import, gc), not the core ones")
     ap.add_argument("--wait-quiet", type=int, default=0, metavar="SECONDS",
                     help="first wait up to SECONDS for other processes to use < 0.3 cores for 10 s")
     args = ap.parse_args()
@@ -950,7 +952,7 @@ def bench(args, work, stamp):
     R = {"meta": {}, "params": P, "small": {}, "blob_get": {}, "redirect": {}, "concurrent": {},
          "push": {}, "pull": {}, "big_push": {}}
     # Sections beyond the core ones, each in a module of its own: all unless --only names some.
-    sections = set(filter(None, args.only.split(","))) or {"pg"}
+    sections = set(filter(None, args.only.split(","))) or {"pg", "import", "gc"}
 
     # ---- tools
     ensure_apt({"docker-registry": "docker-registry", "hey": "hey", "wrk": "wrk",
@@ -1251,10 +1253,11 @@ def bench(args, work, stamp):
                     reg.reset_hwm()
                     cpu0 = cpu_seconds(reg.pid)
                 gcpu0 = cpu_seconds(garage.proc.pid)
-                mbps, wall = concurrent_get(url, n, layer64(name)["size"])
+                (mbps, wall), s3 = quiet_counters(reg, lambda: concurrent_get(url, n, layer64(name)["size"]))
                 rows[name].append({"mbps": mbps, "seconds": wall, "hwm": reg.hwm() if reg else None,
                                    "cpu_s": cpu_seconds(reg.pid) - cpu0 if reg else None,
-                                   "garage_cpu_s": cpu_seconds(garage.proc.pid) - gcpu0})
+                                   "garage_cpu_s": cpu_seconds(garage.proc.pid) - gcpu0,
+                                   "s3_gets": s3.get("GetObject", 0)})
         for name, _ in paths:
             R["concurrent"][name] = _agg(rows[name])
             log(f"{n} x GET 64MiB {name}: {fmt(R['concurrent'][name]['mbps'])} MB/s aggregate, "
@@ -1296,6 +1299,10 @@ def bench(args, work, stamp):
             skopeo_push(small_img, dist_fs, "bench/small")
         R["postgres"] = pg_bench.section(sys.modules[__name__], P, work, garage, berth_bin, dist_s3,
                                          dist_fs, small_img, imgdir)
+    if "import" in sections:
+        R["import"] = import_bench.section(sys.modules[__name__], P, work, garage, berth_bin, quick)
+    if "gc" in sections:
+        R["gc"] = gc_bench.section(sys.modules[__name__], P, work, berth_bin, quick)
 
     R["meta"]["load_after"] = load_snapshot()
     R["meta"]["other_processes"] = monitor.stop()
@@ -1478,8 +1485,17 @@ def targets_of(R):
                             "per-round ratios", med(pg[b]["mbps"]), "MB/s", f"({want:g}x)", pr >= want, pr, info=True)
         c = R["concurrent"]
         r = med(c[b]["mbps"]) / med(c["garage-direct"]["mbps"])
-        add("(info) 32 concurrent GETs of 64 MiB: berth vs direct Garage, aggregate", med(c[b]["mbps"]), "MB/s",
-            "(0.95x)", r >= 0.95, r, info=True)
+        if "s3_gets" in c[b]:  # runs since coalesced reads (issue 14)
+            add("32 concurrent GETs of one 64 MiB layer (proxy): aggregate >= 2x 32 direct Garage GETs",
+                med(c[b]["mbps"]), "MB/s", ">= 2x", r >= 2, r)
+            g = med(c[b]["s3_gets"])
+            add("32 concurrent GETs of one 64 MiB layer (proxy): object-store GETs <= 4", g, "GETs", "<= 4", g <= 4)
+            h = med(c[b]["hwm"]) / MiB
+            add("32 concurrent GETs of one 64 MiB layer (proxy): berth peak RSS < 128 MiB", h, "MiB", "< 128 MiB",
+                h < 128)
+        else:
+            add("(info) 32 concurrent GETs of 64 MiB: berth vs direct Garage, aggregate", med(c[b]["mbps"]), "MB/s",
+                "(0.95x)", r >= 0.95, r, info=True)
         r = med(c[b]["mbps"]) / med(c[ds3]["mbps"])
         add("(info) 32 concurrent GETs of 64 MiB: berth vs distribution proxied (S3), aggregate",
             med(c[b]["mbps"]), "MB/s", "(1x)", r >= 1, r, info=True)
@@ -1490,9 +1506,11 @@ def targets_of(R):
         r = med(p[ds3]["seconds"]) / med(p[b]["seconds"])
         add("push 3x64 MiB >= 2x faster than distribution (same Garage)", med(p[b]["seconds"]), "s",
             ">= 2x", r >= 2, r)
+        # The bucket journal (issue 15) may add 4 requests (its records) to the quarter.
         r = med(p[b]["s3_total"]) / med(p[ds3]["s3_total"])
-        add("push 3x64 MiB S3 requests <= 1/4 of distribution's", med(p[b]["s3_total"]), "requests",
-            "<= 0.25x", r <= 0.25, r)
+        limit = med(p[ds3]["s3_total"]) / 4 + 4
+        add("push 3x64 MiB S3 requests <= 1/4 of distribution's + 4 (the bucket journal's records)",
+            med(p[b]["s3_total"]), "requests", f"<= {limit:.0f}", med(p[b]["s3_total"]) <= limit, r)
         for phase in ("push", "pull"):
             h = med(R[phase][b]["hwm"]) / MiB
             add(f"peak RSS during {phase} <= 40 MiB", h, "MiB", "<= 40 MiB", h <= 40)
@@ -1532,6 +1550,8 @@ def targets_of(R):
             add("manifest GET p99 at 32 connections while 32 uploads run <= 2x idle", busy, "ms", "<= 2x",
                 busy <= 2 * idle, busy / idle)
     pg_bench.targets(R, add, med)
+    import_bench.targets(R, add, med)
+    gc_bench.targets(R, add, med)
     return T
 
 
@@ -1636,11 +1656,11 @@ def report(R):
                           f"{fmt(s.get('garage_cpu_s'), 2)} | {fmt(busy, 0, 100) + ' %' if busy else ''} |")
             w("")
         w(f"## {P['concurrent']} concurrent GETs of the same 64 MiB layer\n")
-        w("| path | aggregate MB/s | wall s | registry peak RSS MiB | registry CPU s | Garage CPU s |")
-        w("| --- | ---: | ---: | ---: | ---: | ---: |")
+        w("| path | aggregate MB/s | wall s | registry peak RSS MiB | registry CPU s | Garage CPU s | object-store GETs |")
+        w("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for name, s in R["concurrent"].items():
             w(f"| {name} | {fmt(s['mbps'])} | {fmt(s['seconds'], 2)} | {fmt(s['hwm'], 1, mib)} | {fmt(s['cpu_s'], 2)} | "
-              f"{fmt(s['garage_cpu_s'], 2)} |")
+              f"{fmt(s['garage_cpu_s'], 2)} | {fmt(s.get('s3_gets'))} |")
         w("")
 
         U = R.get("uploads")
@@ -1700,6 +1720,8 @@ def report(R):
           "as the registries read). CPU s: utime+stime of the process (registry, Garage) or of the client "
           "processes (skopeo, curl) during the run.")
     pg_bench.report(R, w, fmt)
+    import_bench.report(R, w, fmt)
+    gc_bench.report(R, w, fmt)
     return "\n".join(L) + "\n"
 
 

@@ -109,10 +109,11 @@ impl Default for State {
 }
 
 impl State {
-    /// A joiner starts at the first byte: only while that is kept and within the window.
+    /// A joiner starts at the first byte: only while that is kept, and within the window or
+    /// while the readers wait for joiners.
     fn joinable(&self, window: u64) -> bool {
         self.base == 0
-            && self.head < window
+            && (self.head < window || self.holding_for_joiners(window))
             && !matches!(self.opened, Some(Err(_)))
             && !matches!(self.end, Some(Err(_)))
     }
@@ -135,10 +136,20 @@ impl State {
         self.add_reader()
     }
 
+    /// Whether the readers stop at the window's edge for more joiners: once others have joined
+    /// (a burst of GETs is under way), the read does not go past its first window until the
+    /// burst has had its moment; so the clients of a rollout share one read instead of
+    /// starting a new one each time the last has moved on.
+    fn holding_for_joiners(&self, window: u64) -> bool {
+        self.joins > 0 && self.base == 0 && self.head >= window && Instant::now() < self.pin_until
+    }
+
     /// Whether the object's first bytes are still kept for joiners.
-    fn pinned(&self, window: u64) -> bool {
-        let limit = if self.joins > 0 { window } else { LONE_PIN };
-        self.base == 0 && self.head <= limit && Instant::now() < self.pin_until
+    fn pinned(&self) -> bool {
+        // Once others have joined, reading stops at the window's edge while pinned.
+        self.base == 0
+            && (self.joins > 0 || self.head <= LONE_PIN)
+            && Instant::now() < self.pin_until
     }
 
     fn add_reader(&mut self) -> u64 {
@@ -157,8 +168,8 @@ impl State {
     }
 
     /// Drops the chunks every reader has passed (unless kept for joiners).
-    fn settle(&mut self, window: u64) {
-        let keep_from = if self.pinned(window) {
+    fn settle(&mut self) {
+        let keep_from = if self.pinned() {
             0
         } else {
             self.slowest().unwrap_or(self.head)
@@ -323,7 +334,7 @@ impl SharedReader {
                     };
                     self.pos += chunk.len() as u64;
                     st.readers.insert(self.id, self.pos);
-                    st.settle(self.window);
+                    st.settle();
                     if st.full_since.is_some() {
                         // A reader ahead waits for the slowest: this may have been it.
                         drop(st);
@@ -336,14 +347,16 @@ impl SharedReader {
                     Some(Err(e)) => return Next::Failed(e.clone()),
                     None => {}
                 }
-                if st.full(self.window) {
+                if st.holding_for_joiners(self.window) {
+                    Step::WaitUntil(st.pin_until)
+                } else if st.full(self.window) {
                     // Wait for the slowest a moment, then cut it loose.
                     let since = *st.full_since.get_or_insert_with(Instant::now);
                     if since.elapsed() < LAG_GRACE {
                         Step::WaitUntil(since + LAG_GRACE)
                     } else {
                         st.cut_slowest();
-                        st.settle(self.window);
+                        st.settle();
                         Step::Again
                     }
                 } else {
@@ -380,7 +393,7 @@ impl SharedReader {
                     Ok(Ok(Some(chunk))) => {
                         st.head += chunk.len() as u64;
                         st.chunks.push_back(chunk);
-                        st.settle(self.window);
+                        st.settle();
                     }
                     Ok(Ok(None)) => st.end = Some(Ok(())),
                     Ok(Err(e)) => st.end = Some(Err(e.to_string())),
@@ -400,7 +413,7 @@ impl Drop for SharedReader {
     fn drop(&mut self) {
         if let Ok(mut st) = self.shared.state.lock() {
             st.readers.remove(&self.id);
-            st.settle(self.window);
+            st.settle();
         }
     }
 }
@@ -428,10 +441,10 @@ mod tests {
     #[test]
     fn chunks_stay_until_every_reader_passed_them() {
         let mut st = state(&[0, 10], &[5, 5, 5]);
-        st.settle(100);
+        st.settle();
         assert_eq!((st.base, st.chunks.len()), (0, 3));
         let mut st = state(&[5, 10], &[5, 5, 5]);
-        st.settle(100);
+        st.settle();
         assert_eq!((st.base, st.chunks.len()), (5, 2));
     }
 
@@ -441,7 +454,7 @@ mod tests {
         assert!(st.full(16));
         assert!(!st.full(17));
         st.cut_slowest();
-        st.settle(16);
+        st.settle();
         // The reader at 0 is out; the one at 12 keeps the last chunk.
         assert_eq!(st.readers.values().copied().collect::<Vec<_>>(), vec![12]);
         assert_eq!((st.base, st.chunks.len()), (12, 1));
@@ -455,7 +468,7 @@ mod tests {
             let mut st = state(readers, chunks);
             st.pin_until = Instant::now() + Duration::from_secs(60);
             st.joins = joins;
-            st.settle(100);
+            st.settle();
             st.base
         };
         // A lone reader past the first chunk: kept while within LONE_PIN.
@@ -466,12 +479,12 @@ mod tests {
         let mut st = state(&[big as u64 + 5, big as u64 + 5], &[big, 5]);
         st.pin_until = Instant::now() + Duration::from_secs(60);
         st.joins = 1;
-        st.settle(u64::MAX);
+        st.settle();
         assert_eq!(st.base, 0);
         // Once the period is over, passed chunks go.
         assert_eq!(pinned(&[10], &[5, 5], 0), 0);
         let mut st = state(&[10], &[5, 5]);
-        st.settle(100);
+        st.settle();
         assert_eq!(st.base, 10);
     }
 
@@ -481,7 +494,7 @@ mod tests {
         assert!(st.joinable(100));
         assert!(!st.joinable(4)); // the first byte is there, but a joiner would be past the window
         let mut st = state(&[4], &[4, 4]);
-        st.settle(100);
+        st.settle();
         assert!(!st.joinable(100));
     }
 }
