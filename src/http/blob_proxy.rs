@@ -61,11 +61,7 @@ pub async fn stream_blob(
             set(&mut h, name.as_str(), v.to_str().unwrap_or_default());
         }
     }
-    set(&mut h, "Content-Type", "application/octet-stream");
-    set(&mut h, "Docker-Content-Digest", digest.as_str());
-    set(&mut h, "ETag", format!("\"{digest}\""));
-    if let Err(e) = s.write_response_header(Box::new(h), false).await {
-        log::debug!("blob GET: client gone before the header: {e}");
+    if !send_header(s, h, digest).await {
         return Ok(());
     }
 
@@ -106,11 +102,7 @@ async fn stream_shared(
     if let Some(v) = last_modified {
         set(&mut h, "Last-Modified", v.to_str().unwrap_or_default());
     }
-    set(&mut h, "Content-Type", "application/octet-stream");
-    set(&mut h, "Docker-Content-Digest", digest.as_str());
-    set(&mut h, "ETag", format!("\"{digest}\""));
-    if let Err(e) = s.write_response_header(Box::new(h), false).await {
-        log::debug!("blob GET: client gone before the header: {e}");
+    if !send_header(s, h, digest).await {
         return Ok(());
     }
     let mut pacer = Pacer::default();
@@ -143,6 +135,23 @@ async fn stream_shared(
         log::debug!("blob GET: finishing the response: {e}");
     }
     Ok(())
+}
+
+/// Sends the blob response header with the headers every blob GET has; false when the client
+/// went away.
+async fn send_header(
+    s: &mut Session,
+    mut h: pingora_http::ResponseHeader,
+    digest: &Digest,
+) -> bool {
+    set(&mut h, "Content-Type", "application/octet-stream");
+    set(&mut h, "Docker-Content-Digest", digest.as_str());
+    set(&mut h, "ETag", format!("\"{digest}\""));
+    if let Err(e) = s.write_response_header(Box::new(h), false).await {
+        log::debug!("blob GET: client gone before the header: {e}");
+        return false;
+    }
+    true
 }
 
 /// Sends one chunk; false when the client went away.

@@ -121,6 +121,7 @@ impl ProxyHttp for BerthService {
                 if reads_body {
                     // The body may be partly unread: don't reuse the connection.
                     session.set_keepalive(None);
+                    discard_body(session).await;
                 }
                 send_error(session, &err, head).await?;
                 Ok(true)
@@ -167,4 +168,22 @@ fn expects_continue(req: &RequestHeader) -> bool {
         .get("expect")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+}
+
+/// Reads and drops what is left of a refused request's body, a little and briefly: a client
+/// that sends its whole body before it reads the answer (most HTTP/1.1 clients) sees a broken
+/// pipe instead of berth's error when the connection closes on an unread body.
+async fn discard_body(session: &mut Session) {
+    const MOST: usize = 8 * 1024 * 1024;
+    const LONGEST: std::time::Duration = std::time::Duration::from_secs(2);
+    let mut left = MOST;
+    let _ = tokio::time::timeout(LONGEST, async {
+        while !session.is_body_done() {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) if chunk.len() <= left => left -= chunk.len(),
+                _ => break,
+            }
+        }
+    })
+    .await;
 }
