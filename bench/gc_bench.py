@@ -124,13 +124,7 @@ class Berth:
         return self.proc.pid
 
     def status(self):
-        out = {}
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                if k in ("VmHWM", "VmRSS"):
-                    out[k] = int(v.split()[0]) * 1024
-        return out
+        return self.B.proc_memory(self.pid)
 
     def queue_length(self):
         """Candidates queued now (a dry-run pass reports it and changes nothing)."""

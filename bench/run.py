@@ -284,6 +284,17 @@ def counter_delta(before, after):
 # ------------------------------------------------------------------------------------------
 # registries
 
+def proc_memory(pid):
+    """{"VmHWM": bytes, "VmRSS": bytes} of a process, from /proc/PID/status."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmHWM", "VmRSS"):
+                out[k] = int(v.split()[0]) * 1024
+    return out
+
+
 class Registry:
     """One registry process (berth or distribution) on its own loopback port."""
 
@@ -314,13 +325,7 @@ class Registry:
             f.write("5")
 
     def status(self):
-        out = {}
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                if k in ("VmHWM", "VmRSS"):
-                    out[k] = int(v.split()[0]) * 1024
-        return out
+        return proc_memory(self.pid)
 
     def hwm(self):
         return self.status()["VmHWM"]
