@@ -317,15 +317,17 @@ impl SharedReader {
                     return Next::Behind(self.pos);
                 }
                 if self.pos < st.head {
-                    let mut at = st.base;
+                    // From the head back: readers are mostly near it, so this is a step or
+                    // two, not a walk over the whole window per chunk.
+                    let mut end = st.head;
                     let mut found = None;
-                    for chunk in &st.chunks {
-                        let end = at + chunk.len() as u64;
-                        if self.pos < end {
-                            found = Some(chunk.slice((self.pos - at) as usize..));
+                    for chunk in st.chunks.iter().rev() {
+                        let start = end - chunk.len() as u64;
+                        if self.pos >= start {
+                            found = Some(chunk.slice((self.pos - start) as usize..));
                             break;
                         }
-                        at = end;
+                        end = start;
                     }
                     let Some(chunk) = found else {
                         // Cannot happen: chunks a reader has not passed are kept.
