@@ -345,7 +345,11 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
         }
     };
     server.add_service(http);
-    let collector = crate::gc::command::collector_for(&registry, &config);
+    let busy = {
+        let in_flight = in_flight.clone();
+        Arc::new(move || in_flight.count() > 0)
+    };
+    let collector = crate::gc::command::collector_for(&registry, &config, busy);
     // One claim holder name per process, for every background task.
     let node = uuid::Uuid::new_v4().to_string();
     if let Some(every) = config.gc.interval {

@@ -411,6 +411,60 @@ fn recover_rebuilds_every_acknowledged_write_from_the_bucket() {
     assert!(out.contains("is not empty"), "{out}");
 }
 
+/// What garbage collection deleted stays deleted after a rebuild: its batch records replay,
+/// no rebuilt record points at a deleted object, and the emptied repository stays out of the
+/// catalog.
+#[test]
+fn gc_collections_survive_a_rebuild() {
+    let s3 = S3Server::start();
+    let mut b = Berth::start_with(&format!("{SMALL_PARTS}gc:\n  blob_grace: 1s\n"), Some(&s3));
+    let (v1, v2, x) = {
+        let reg = Reg::new(&b);
+        let v1 = reg.push_image("app", "v1", 1, None);
+        let v2 = reg.push_image("app", "v2", 2, None);
+        let x = reg.push_image("other", "x", 3, None);
+        assert_eq!(reg.delete(&format!("/v2/app/manifests/{}", v2.digest)), 202);
+        assert_eq!(
+            reg.delete(&format!("/v2/other/manifests/{}", x.digest)),
+            202
+        );
+        (v1, v2, x)
+    };
+    std::thread::sleep(Duration::from_millis(2100));
+    b.kill();
+    let out = b.gc(&["--json"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "berth gc: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(report["blobs"]["count"], 6, "{report}");
+    b.start_again();
+
+    let out = lose_metadata_and_recover(&mut b);
+    assert!(out.contains("rebuild: done"), "{out}");
+    let reg = Reg::new(&b);
+    reg.assert_pulls("app", "v1", &v1);
+    for (repo, img) in [("app", &v2), ("other", &x)] {
+        assert_eq!(
+            reg.get(&format!("/v2/{repo}/manifests/{}", img.digest))
+                .status(),
+            404
+        );
+        for (d, _) in &img.blobs {
+            assert_eq!(
+                reg.get(&format!("/v2/{repo}/blobs/{d}")).status(),
+                404,
+                "{d}"
+            );
+        }
+    }
+    let catalog: Value = serde_json::from_slice(&reg.get("/v2/_catalog").bytes().unwrap()).unwrap();
+    assert_eq!(catalog["repositories"], json!(["app"]));
+}
+
 #[test]
 fn a_node_with_an_empty_data_dir_rebuilds_itself_at_start() {
     let s3 = S3Server::start();

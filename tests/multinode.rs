@@ -600,6 +600,74 @@ fn redb_metadata_copied_to_postgres_pulls_through_the_new_nodes() {
     drop(old);
 }
 
+/// Two nodes with `gc.interval` on one database: one node collects at a time (the pass claim),
+/// and each decision is one transaction, so every freed blob is deleted once — one
+/// "deleted blob" line across both nodes' logs — its object leaves the bucket, and the images
+/// kept still pull through either node.
+#[test]
+fn two_collecting_nodes_delete_each_freed_blob_once() {
+    let pg = PgServer::shared();
+    let s3 = S3Server::start();
+    let (_, n) = nodes(pg, &s3, 2, "gc:\n  interval: 100ms\n  blob_grace: 1s\n");
+    let c = client();
+    let mut images = Vec::new();
+    for i in 0..8u64 {
+        let node = &n[i as usize % 2];
+        let repo = format!("gc/app{}", i % 3);
+        let (manifest, digest) = push_image_blobs(node, &c, &repo, 100 + i);
+        put_manifest(node, &c, &repo, &format!("v{i}"), &manifest);
+        let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+        let blobs = [&m["config"]["digest"], &m["layers"][0]["digest"]]
+            .map(|d| d.as_str().unwrap().to_string());
+        images.push((repo, format!("v{i}"), digest, blobs));
+    }
+    // Delete every other image, each through the node that did not push it.
+    let (deleted, kept): (Vec<_>, Vec<_>) = images
+        .into_iter()
+        .partition(|(_, tag, _, _)| tag[1..].parse::<u64>().unwrap() % 2 == 0);
+    let before = s3.blob_files().len();
+    for (i, (repo, _, digest, _)) in deleted.iter().enumerate() {
+        let r = c
+            .delete(n[(i + 1) % 2].url(&format!("/v2/{repo}/manifests/{digest}")))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    // Every image's blobs are its own (seeded config and layer): all of the deleted ones go.
+    let freed: Vec<&String> = deleted.iter().flat_map(|(.., b)| b).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s3.blob_files().len() > before - freed.len() {
+        assert!(
+            Instant::now() < deadline,
+            "freed blobs still in the bucket after 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A few more passes on both nodes: nothing is collected twice.
+    std::thread::sleep(Duration::from_millis(1500));
+    let logs = [n[0].log(), n[1].log()];
+    for d in &freed {
+        let lines: usize = logs
+            .iter()
+            .map(|log| {
+                log.lines()
+                    .filter(|l| l.contains("gc: deleted blob") && l.contains(d.as_str()))
+                    .count()
+            })
+            .sum();
+        assert_eq!(
+            lines, 1,
+            "{d} deleted {lines} times:\n{}\n{}",
+            logs[0], logs[1]
+        );
+    }
+    assert_eq!(s3.blob_files().len(), before - freed.len());
+    for (repo, tag, digest, _) in &kept {
+        assert_eq!(pull(&n[0], &c, repo, tag), *digest);
+        assert_eq!(pull(&n[1], &c, repo, tag), *digest);
+    }
+}
+
 trait JsonBody {
     fn json_value(self) -> serde_json::Value;
 }

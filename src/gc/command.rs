@@ -96,11 +96,19 @@ async fn ask_server(addr: std::net::SocketAddr, opts: GcOptions) -> Result<GcRep
     serde_json::from_slice(&body).map_err(|e| format!("POST {url}: unreadable report: {e}"))
 }
 
-/// The collector `berth serve` runs (every `gc.interval`, and on `POST /gc`).
-pub fn collector_for(registry: &crate::registry::Registry, config: &Config) -> Arc<Collector> {
-    Arc::new(Collector::new(
-        registry.meta.clone(),
-        registry.store.clone(),
-        config.gc.clone(),
-    ))
+/// The collector `berth serve` runs (every `gc.interval`, and on `POST /gc`), yielding to
+/// the requests `busy` reports.
+pub fn collector_for(
+    registry: &crate::registry::Registry,
+    config: &Config,
+    busy: super::Busy,
+) -> Arc<Collector> {
+    Arc::new(
+        Collector::new(
+            registry.meta.clone(),
+            registry.store.clone(),
+            config.gc.clone(),
+        )
+        .yielding_to(busy),
+    )
 }

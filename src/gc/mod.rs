@@ -19,7 +19,7 @@
 //! The store keeps a reference index and a queue of candidates in the same transactions as
 //! the registry's writes (a delete or untag queues what it may have freed; an upload, mount or
 //! unlink touches the blob). The decision and the metadata delete are one transaction
-//! ([`MetaStore::collect_blob`]) that re-checks references and the candidate's time; the object
+//! ([`MetaStore::collect_blob`], batched by [`MetaStore::collect_blobs`]) that re-checks references and the candidate's time; the object
 //! is deleted only after its record is gone. A manifest PUT re-checks its references in its own
 //! transaction, so it either commits first (the blob is referenced and stays) or finds the
 //! blob gone and fails with MANIFEST_BLOB_UNKNOWN.
@@ -36,16 +36,25 @@ pub mod policy;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{GcConfig, UntaggedManifests};
 use crate::meta::{Candidate, CandidateKind, MetaError, MetaStore};
 use crate::metrics::GC;
+use crate::registry::names::Digest;
 use crate::registry::unix_now;
 use crate::storage::{ObjectStore, StorageError};
 
 /// Candidates read from the queue at a time.
 const BATCH: usize = 500;
+/// Blobs collected in one metadata transaction: one commit and one journal record for all,
+/// while journaled writes of the same blobs' stripes wait that long.
+const COLLECT_BATCH: usize = 100;
+/// Object deletes in flight at once after a batch.
+const PARALLEL_DELETES: usize = 16;
+/// The longest rest after one batch while the registry is busy.
+const MAX_REST: std::time::Duration = std::time::Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
@@ -162,12 +171,16 @@ impl GcReport {
     }
 }
 
+/// Whether the registry is answering clients right now ([`Collector::yielding_to`]).
+pub type Busy = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// Runs passes, one at a time per process.
 pub struct Collector {
     meta: Arc<dyn MetaStore>,
     store: Arc<ObjectStore>,
     config: GcConfig,
     running: tokio::sync::Mutex<()>,
+    busy: Option<Busy>,
 }
 
 impl Collector {
@@ -177,6 +190,22 @@ impl Collector {
             store,
             config,
             running: tokio::sync::Mutex::new(()),
+            busy: None,
+        }
+    }
+
+    /// A pass inside `berth serve` yields to traffic: while `busy` says requests are being
+    /// answered, it rests after each batch as long as the batch took (half a core at most on
+    /// the collector's side), so pushes keep their throughput during collection.
+    pub fn yielding_to(mut self, busy: Busy) -> Self {
+        self.busy = Some(busy);
+        self
+    }
+
+    /// Called after a batch of work that started at `worked`.
+    async fn rest(&self, worked: Instant) {
+        if self.busy.as_ref().is_some_and(|busy| busy()) {
+            tokio::time::sleep(worked.elapsed().min(MAX_REST)).await;
         }
     }
 
@@ -253,6 +282,7 @@ impl Collector {
     ) -> Result<(), GcError> {
         let mut after = None;
         loop {
+            let worked = Instant::now();
             let page = self.meta.blobs(after.as_ref(), BATCH).await?;
             let Some((last, _)) = page.last() else { break };
             after = Some(last.clone());
@@ -266,6 +296,7 @@ impl Collector {
             if !dry_run {
                 self.meta.gc_enqueue(&strays, now).await?;
             }
+            self.rest(worked).await;
         }
         if self.config.untagged_manifests == UntaggedManifests::Keep {
             return Ok(());
@@ -316,9 +347,8 @@ impl Collector {
                     if due.is_empty() {
                         break;
                     }
-                    for q in &due {
-                        self.meta.gc_dequeue(&q.candidate).await?;
-                    }
+                    let due: Vec<Candidate> = due.into_iter().map(|q| q.candidate).collect();
+                    self.meta.gc_dequeue(&due).await?;
                 }
             }
             return Ok(());
@@ -394,42 +424,75 @@ impl Collector {
             if due.is_empty() {
                 break;
             }
-            for q in due {
-                let Candidate::Blob(digest) = &q.candidate else {
-                    continue;
-                };
-                let done = self.meta.collect_blob(digest, cutoff).await?;
-                if done.deleted.is_none() {
+            let digests: Vec<Digest> = due
+                .into_iter()
+                .filter_map(|q| match q.candidate {
+                    Candidate::Blob(digest) => Some(digest),
+                    Candidate::Manifest { .. } => None,
+                })
+                .collect();
+            for batch in digests.chunks(COLLECT_BATCH) {
+                let worked = Instant::now();
+                self.collect_blob_batch(batch, cutoff, report).await?;
+                self.rest(worked).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// One metadata transaction (and one journal record) for the batch, then the objects of
+    /// the blobs whose records went, deleted a few at a time.
+    async fn collect_blob_batch(
+        &self,
+        digests: &[Digest],
+        cutoff: u64,
+        report: &mut GcReport,
+    ) -> Result<(), GcError> {
+        let done = self.meta.collect_blobs(digests, cutoff).await?;
+        let mut deleted = Vec::new();
+        for (digest, done) in digests.iter().zip(done) {
+            report.repositories += done.pruned.len() as u64;
+            for repo in &done.pruned {
+                log::info!("gc: repository {repo} left the catalog: nothing left in it");
+            }
+            match done.deleted {
+                Some(record) => deleted.push((digest.clone(), record)),
+                None => {
                     report.links += done.unlinked.len() as u64;
-                }
-                report.repositories += done.pruned.len() as u64;
-                for repo in &done.pruned {
-                    log::info!("gc: repository {repo} left the catalog: nothing left in it");
-                }
-                let Some(record) = done.deleted else {
                     for repo in &done.unlinked {
                         log::info!("gc: unlinked {digest} from {repo}: no manifest there uses it");
                     }
-                    continue;
-                };
-                // The record is gone: nothing can reach these bytes any more.
-                match self.store.delete_object(&record.key).await {
-                    Ok(()) => {
-                        log::info!(
-                            "gc: deleted blob {digest} {} ({} bytes): unreferenced",
-                            record.key,
-                            record.size
-                        );
-                        report.blobs.add(record.size);
-                        GC.blobs_deleted.inc();
-                        GC.bytes_freed.inc_by(record.size);
-                    }
-                    // Left as an orphan object; `--orphans` removes it later.
-                    Err(e) => log::warn!(
-                        "gc: blob {digest} record removed, object {} not deleted: {e}",
-                        record.key
-                    ),
                 }
+            }
+        }
+        // The records are gone: nothing can reach these bytes any more.
+        let store = self.store.clone();
+        let mut deletes = futures_util::stream::iter(deleted)
+            .map(move |(digest, record)| {
+                let store = store.clone();
+                async move {
+                    let result = store.delete_object(&record.key).await;
+                    (digest, record, result)
+                }
+            })
+            .buffer_unordered(PARALLEL_DELETES);
+        while let Some((digest, record, result)) = deletes.next().await {
+            match result {
+                Ok(()) => {
+                    log::info!(
+                        "gc: deleted blob {digest} {} ({} bytes): unreferenced",
+                        record.key,
+                        record.size
+                    );
+                    report.blobs.add(record.size);
+                    GC.blobs_deleted.inc();
+                    GC.bytes_freed.inc_by(record.size);
+                }
+                // Left as an orphan object; `--orphans` removes it later.
+                Err(e) => log::warn!(
+                    "gc: blob {digest} record removed, object {} not deleted: {e}",
+                    record.key
+                ),
             }
         }
         Ok(())

@@ -49,6 +49,7 @@ struct Timers {
     gc_enqueue: Histogram,
     gc_dequeue: Histogram,
     collect_blob: Histogram,
+    collect_blobs: Histogram,
     collect_manifest: Histogram,
     blobs: Histogram,
     is_referenced: Histogram,
@@ -88,6 +89,7 @@ impl<M: MetaStore> Instrumented<M> {
             gc_enqueue: META.op("gc_enqueue"),
             gc_dequeue: META.op("gc_dequeue"),
             collect_blob: META.op("collect_blob"),
+            collect_blobs: META.op("collect_blobs"),
             collect_manifest: META.op("collect_manifest"),
             blobs: META.op("blobs"),
             is_referenced: META.op("is_referenced"),
@@ -268,14 +270,23 @@ impl<M: MetaStore> MetaStore for Instrumented<M> {
         self.inner.gc_enqueue(candidates, now).await
     }
 
-    async fn gc_dequeue(&self, candidate: &Candidate) -> MetaResult<()> {
+    async fn gc_dequeue(&self, candidates: &[Candidate]) -> MetaResult<()> {
         let _t = self.timers.gc_dequeue.start_timer();
-        self.inner.gc_dequeue(candidate).await
+        self.inner.gc_dequeue(candidates).await
     }
 
     async fn collect_blob(&self, digest: &Digest, cutoff: u64) -> MetaResult<BlobCollection> {
         let _t = self.timers.collect_blob.start_timer();
         self.inner.collect_blob(digest, cutoff).await
+    }
+
+    async fn collect_blobs(
+        &self,
+        digests: &[Digest],
+        cutoff: u64,
+    ) -> MetaResult<Vec<BlobCollection>> {
+        let _t = self.timers.collect_blobs.start_timer();
+        self.inner.collect_blobs(digests, cutoff).await
     }
 
     async fn collect_manifest(

@@ -106,12 +106,23 @@ pub enum Op {
         unlinked: Vec<String>,
         deleted: bool,
     },
+    /// One GC batch: [`Op::Collected`] for each blob, committed together.
+    CollectedBlobs {
+        blobs: Vec<CollectedBlob>,
+    },
     /// `berth import`: `repo` adopts blobs whose bytes already lie at `key` (another
     /// registry's objects), all in one record.
     Adopt {
         repo: String,
         blobs: Vec<AdoptedBlob>,
     },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectedBlob {
+    pub digest: String,
+    pub unlinked: Vec<String>,
+    pub deleted: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,6 +167,10 @@ impl Op {
             Op::Unlink { repo, digest } => format!("unlink/{repo}@{digest}"),
             Op::Adopt { repo, blobs } => format!("adopt/{repo}+{}", blobs.len()),
             Op::Collected { digest, .. } => format!("collected/{digest}"),
+            Op::CollectedBlobs { blobs } => match blobs.first() {
+                Some(first) => format!("collected/{}+{}", first.digest, blobs.len()),
+                None => "collected/none".to_owned(),
+            },
         }
     }
 }
@@ -701,8 +716,8 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
         self.inner.gc_enqueue(candidates, now).await
     }
 
-    async fn gc_dequeue(&self, candidate: &Candidate) -> MetaResult<()> {
-        self.inner.gc_dequeue(candidate).await
+    async fn gc_dequeue(&self, candidates: &[Candidate]) -> MetaResult<()> {
+        self.inner.gc_dequeue(candidates).await
     }
 
     async fn collect_blob(&self, digest: &Digest, cutoff: u64) -> MetaResult<BlobCollection> {
@@ -715,6 +730,34 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
                 deleted: out.deleted.is_some(),
             };
             let ticket = self.journal.write(&op, &[]).await?;
+            self.committed(ticket).await;
+        }
+        Ok(out)
+    }
+
+    async fn collect_blobs(
+        &self,
+        digests: &[Digest],
+        cutoff: u64,
+    ) -> MetaResult<Vec<BlobCollection>> {
+        let items: Vec<_> = digests.iter().map(|d| ("blob", d.as_str(), "")).collect();
+        let _g = self.journal.lock(&items).await;
+        let out = self.inner.collect_blobs(digests, cutoff).await?;
+        let blobs: Vec<CollectedBlob> = digests
+            .iter()
+            .zip(&out)
+            .filter(|(_, c)| !c.unlinked.is_empty() || c.deleted.is_some())
+            .map(|(d, c)| CollectedBlob {
+                digest: d.to_string(),
+                unlinked: c.unlinked.clone(),
+                deleted: c.deleted.is_some(),
+            })
+            .collect();
+        if !blobs.is_empty() {
+            let ticket = self
+                .journal
+                .write(&Op::CollectedBlobs { blobs }, &[])
+                .await?;
             self.committed(ticket).await;
         }
         Ok(out)
@@ -1003,6 +1046,27 @@ impl Replayer<'_> {
         Ok(())
     }
 
+    async fn apply_collected(
+        &self,
+        c: CollectedBlob,
+        deferred: &mut DeferredLinks,
+    ) -> MetaResult<()> {
+        let d = digest(&c.digest)?;
+        for repo in &c.unlinked {
+            deferred.links.remove(&(repo.clone(), c.digest.clone()));
+            self.meta.unlink_blob(repo, &d).await?;
+        }
+        if c.deleted {
+            // Nothing references it at this point of the history: collect it as then.
+            let candidate = Candidate::Blob(d.clone());
+            self.meta
+                .gc_enqueue(std::slice::from_ref(&candidate), 0)
+                .await?;
+            self.meta.collect_blob(&d, u64::MAX).await?;
+        }
+        Ok(())
+    }
+
     async fn apply(
         &self,
         op: Op,
@@ -1075,20 +1139,21 @@ impl Replayer<'_> {
                 "unlink"
             }
             Op::Collected {
-                digest: d,
+                digest,
                 unlinked,
                 deleted,
             } => {
-                let d = digest(&d)?;
-                for repo in &unlinked {
-                    deferred.links.remove(&(repo.clone(), d.to_string()));
-                    self.meta.unlink_blob(repo, &d).await?;
-                }
-                if deleted {
-                    // Nothing references it at this point of the history: collect it as then.
-                    let c = Candidate::Blob(d.clone());
-                    self.meta.gc_enqueue(std::slice::from_ref(&c), 0).await?;
-                    self.meta.collect_blob(&d, u64::MAX).await?;
+                let c = CollectedBlob {
+                    digest,
+                    unlinked,
+                    deleted,
+                };
+                self.apply_collected(c, deferred).await?;
+                "collected"
+            }
+            Op::CollectedBlobs { blobs } => {
+                for c in blobs {
+                    self.apply_collected(c, deferred).await?;
                 }
                 "collected"
             }

@@ -307,14 +307,28 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn gc_queue_len(&self) -> MetaResult<u64>;
     /// Queues each candidate at `now` unless it is queued already (its time then stays).
     async fn gc_enqueue(&self, candidates: &[Candidate], now: u64) -> MetaResult<()>;
-    /// Removes the candidate from the queue if it is there.
-    async fn gc_dequeue(&self, candidate: &Candidate) -> MetaResult<()>;
+    /// Removes the candidates from the queue where they are there.
+    async fn gc_dequeue(&self, candidates: &[Candidate]) -> MetaResult<()>;
     /// The collection decision and the metadata delete in one transaction. Nothing changes
     /// unless the blob is queued with a time at or before `cutoff`. Then: every link whose
     /// repository has no manifest referencing the blob goes; if no manifest anywhere
     /// references it, its record and remaining links go too (returned in `deleted`: delete
     /// the object only now); the candidate is dequeued; emptied repositories leave the catalog.
     async fn collect_blob(&self, digest: &Digest, cutoff: u64) -> MetaResult<BlobCollection>;
+    /// [`MetaStore::collect_blob`] for each digest, in order; a backend may do them all in one
+    /// transaction (one commit instead of one per blob). Each blob's decision is its own: one
+    /// not due, or still referenced, changes nothing for the others.
+    async fn collect_blobs(
+        &self,
+        digests: &[Digest],
+        cutoff: u64,
+    ) -> MetaResult<Vec<BlobCollection>> {
+        let mut out = Vec::with_capacity(digests.len());
+        for digest in digests {
+            out.push(self.collect_blob(digest, cutoff).await?);
+        }
+        Ok(out)
+    }
     /// In one transaction: deletes the manifest (as [`MetaStore::delete_manifest`] does) if it
     /// is queued with a time at or before `cutoff`, no tag points at it, no manifest of `repo`
     /// references it and its subject is not a manifest of `repo`; returns its record. Otherwise

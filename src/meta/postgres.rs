@@ -452,6 +452,18 @@ fn kind_code(kind: CandidateKind) -> i16 {
 }
 
 /// `(kind, repo or "", digest)` of a candidate.
+/// Candidates as the three arrays an `unnest` over `gc_queue`'s key takes.
+fn candidate_columns(candidates: &[Candidate]) -> (Vec<i16>, Vec<&str>, Vec<&str>) {
+    let mut columns = (Vec::new(), Vec::new(), Vec::new());
+    for c in candidates {
+        let (kind, repo, digest) = candidate_key(c);
+        columns.0.push(kind);
+        columns.1.push(repo);
+        columns.2.push(digest);
+    }
+    columns
+}
+
 fn candidate_key(c: &Candidate) -> (i16, &str, &str) {
     match c {
         Candidate::Blob(d) => (BLOB, "", d.as_str()),
@@ -1340,13 +1352,7 @@ impl MetaStore for PgStore {
             return Ok(());
         }
         let now = to_i64("gc_enqueue now", now)?;
-        let (mut kinds, mut repos, mut digests) = (Vec::new(), Vec::new(), Vec::new());
-        for c in candidates {
-            let (kind, repo, digest) = candidate_key(c);
-            kinds.push(kind);
-            repos.push(repo);
-            digests.push(digest);
-        }
+        let (kinds, repos, digests) = candidate_columns(candidates);
         self.execute(
             "gc_enqueue",
             "INSERT INTO gc_queue (kind, repo, digest, since)
@@ -1358,12 +1364,16 @@ impl MetaStore for PgStore {
         .map(|_| ())
     }
 
-    async fn gc_dequeue(&self, candidate: &Candidate) -> MetaResult<()> {
-        let (kind, repo, digest) = candidate_key(candidate);
+    async fn gc_dequeue(&self, candidates: &[Candidate]) -> MetaResult<()> {
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let (kinds, repos, digests) = candidate_columns(candidates);
         self.execute(
             "gc_dequeue",
-            "DELETE FROM gc_queue WHERE kind = $1 AND repo = $2 AND digest = $3",
-            &[&kind, &repo, &digest],
+            "DELETE FROM gc_queue q USING unnest($1::smallint[], $2::text[], $3::text[]) AS u(k, r, d)
+             WHERE q.kind = u.k AND q.repo = u.r AND q.digest = u.d",
+            &[&kinds, &repos, &digests],
         )
         .await
         .map(|_| ())

@@ -1226,11 +1226,13 @@ impl MetaStore for RedbStore {
         .await
     }
 
-    async fn gc_dequeue(&self, candidate: &Candidate) -> MetaResult<()> {
-        let candidate = candidate.clone();
+    async fn gc_dequeue(&self, candidates: &[Candidate]) -> MetaResult<()> {
+        let candidates = candidates.to_vec();
         self.write("gc_dequeue", move |txn| {
-            let (kind, repo, digest) = gc::candidate_key(&candidate);
-            gc::dequeue(txn, kind, repo, digest)?;
+            for candidate in &candidates {
+                let (kind, repo, digest) = gc::candidate_key(candidate);
+                gc::dequeue(txn, kind, repo, digest)?;
+            }
             Ok(Outcome::Commit(()))
         })
         .await
@@ -1239,47 +1241,34 @@ impl MetaStore for RedbStore {
     async fn collect_blob(&self, digest: &Digest, cutoff: u64) -> MetaResult<BlobCollection> {
         let digest = digest.clone();
         self.write("collect_blob", move |txn| {
-            let digest = digest.as_str();
-            match gc::queued(txn, BLOB, "", digest)? {
-                Some(since) if since <= cutoff => {}
-                // Touched within the grace (an upload, a mount, an unlink), or not queued.
-                _ => return Ok(Outcome::Abort(BlobCollection::default())),
+            Ok(match collect_one(txn, digest.as_str(), cutoff)? {
+                Some(out) => Outcome::Commit(out),
+                None => Outcome::Abort(BlobCollection::default()),
+            })
+        })
+        .await
+    }
+
+    async fn collect_blobs(
+        &self,
+        digests: &[Digest],
+        cutoff: u64,
+    ) -> MetaResult<Vec<BlobCollection>> {
+        let digests = digests.to_vec();
+        // One commit (one fsync) for the batch: GC's cost per blob was its commit.
+        self.write("collect_blobs", move |txn| {
+            let mut changed = false;
+            let mut out = Vec::with_capacity(digests.len());
+            for digest in &digests {
+                let one = collect_one(txn, digest.as_str(), cutoff)?;
+                changed |= one.is_some();
+                out.push(one.unwrap_or_default());
             }
-            let mut out = BlobCollection::default();
-            let (linked, referencing) = {
-                let links = wtable(txn, BLOB_LINKS)?;
-                let refs = wtable(txn, REFS)?;
-                (gc::repos_of(&links, digest)?, gc::repos_of(&refs, digest)?)
-            };
-            {
-                let mut links = wtable(txn, REPO_BLOBS)?;
-                let mut reverse = wtable(txn, BLOB_LINKS)?;
-                for repo in linked {
-                    if referencing.contains(&repo) {
-                        continue;
-                    }
-                    links
-                        .remove((repo.as_str(), digest))
-                        .map_err(ctx("remove link"))?;
-                    reverse
-                        .remove((digest, repo.as_str()))
-                        .map_err(ctx("remove link"))?;
-                    out.unlinked.push(repo);
-                }
-            }
-            if referencing.is_empty() {
-                out.deleted = wtable(txn, BLOBS)?
-                    .remove(digest)
-                    .map_err(ctx("remove blob"))?
-                    .map(|g| blob_value(g.value()));
-            }
-            gc::dequeue(txn, BLOB, "", digest)?;
-            for repo in &out.unlinked {
-                if gc::prune_if_empty(txn, repo)? {
-                    out.pruned.push(repo.clone());
-                }
-            }
-            Ok(Outcome::Commit(out))
+            Ok(if changed {
+                Outcome::Commit(out)
+            } else {
+                Outcome::Abort(out)
+            })
         })
         .await
     }
@@ -1447,6 +1436,55 @@ impl MetaStore for RedbStore {
         })
         .await
     }
+}
+
+/// [`MetaStore::collect_blob`]'s decision and delete inside `txn`; None (and nothing written)
+/// when the blob is not queued or was touched within the grace.
+fn collect_one(
+    txn: &WriteTransaction,
+    digest: &str,
+    cutoff: u64,
+) -> MetaResult<Option<BlobCollection>> {
+    match gc::queued(txn, BLOB, "", digest)? {
+        Some(since) if since <= cutoff => {}
+        // Touched within the grace (an upload, a mount, an unlink), or not queued.
+        _ => return Ok(None),
+    }
+    let mut out = BlobCollection::default();
+    let (linked, referencing) = {
+        let links = wtable(txn, BLOB_LINKS)?;
+        let refs = wtable(txn, REFS)?;
+        (gc::repos_of(&links, digest)?, gc::repos_of(&refs, digest)?)
+    };
+    {
+        let mut links = wtable(txn, REPO_BLOBS)?;
+        let mut reverse = wtable(txn, BLOB_LINKS)?;
+        for repo in linked {
+            if referencing.contains(&repo) {
+                continue;
+            }
+            links
+                .remove((repo.as_str(), digest))
+                .map_err(ctx("remove link"))?;
+            reverse
+                .remove((digest, repo.as_str()))
+                .map_err(ctx("remove link"))?;
+            out.unlinked.push(repo);
+        }
+    }
+    if referencing.is_empty() {
+        out.deleted = wtable(txn, BLOBS)?
+            .remove(digest)
+            .map_err(ctx("remove blob"))?
+            .map(|g| blob_value(g.value()));
+    }
+    gc::dequeue(txn, BLOB, "", digest)?;
+    for repo in &out.unlinked {
+        if gc::prune_if_empty(txn, repo)? {
+            out.pruned.push(repo.clone());
+        }
+    }
+    Ok(Some(out))
 }
 
 #[cfg(test)]
