@@ -2220,14 +2220,20 @@ mod tests {
         );
         assert!(s.blob(&only_a).await.unwrap().is_some());
 
+        // Both in one batch (one transaction): each decided as if alone, in order.
         let late = unix_now();
-        let got = s.collect_blob(&only_a, late).await.unwrap();
+        let mut batch = s
+            .collect_blobs(&[only_a.clone(), shared.clone()], late)
+            .await
+            .unwrap()
+            .into_iter();
+        let got = batch.next().unwrap();
         assert_eq!(got.deleted.as_ref().map(|r| r.size), Some(10));
         assert_eq!(got.unlinked, vec!["a".to_owned()]);
         assert!(got.pruned.is_empty(), "a still links shared");
         assert_eq!(s.blob(&only_a).await.unwrap(), None);
         // Shared: a's link goes (no manifest of a uses it), b keeps it and the record.
-        let got = s.collect_blob(&shared, late).await.unwrap();
+        let got = batch.next().unwrap();
         assert_eq!(got.deleted, None);
         assert_eq!(got.unlinked, vec!["a".to_owned()]);
         assert_eq!(got.pruned, vec!["a".to_owned()]);
