@@ -4,9 +4,9 @@
 //! nothing; a push to distribution followed by a re-run adds exactly that tag.
 //!
 //! Two layouts: distribution's filesystem root, adopted into berth's embedded object store by
-//! hard links; and the same tree as distribution's S3 driver lays it out in a bucket (the
-//! s3s-fs server of tests/common: distribution's own S3 driver cannot talk to s3s-fs, it needs
-//! ListMultipartUploads), adopted with no write to the bucket.
+//! hard links; and a bucket distribution writes through its own S3 driver (`storage.s3`, on the
+//! s3s-fs server of tests/common, [`S3Server::start_for_distribution`]), adopted with no blob
+//! written, copied or read.
 
 mod common;
 
@@ -131,29 +131,46 @@ impl Layout {
 struct Distribution {
     child: Child,
     port: u16,
+    /// The filesystem driver's root directory (with the S3 driver: unused). Its config is
+    /// `<root>.yml`, its log (level debug) `<root>.log`, shown when a test fails.
     root: PathBuf,
 }
 
 impl Distribution {
+    /// distribution with its filesystem driver, storing below `root`.
     fn start(root: &Path) -> Distribution {
+        let storage = format!("  filesystem:\n    rootdirectory: {}\n", root.display());
+        Self::start_with(root, &storage)
+    }
+
+    /// distribution with its S3 driver, storing into `s3`'s bucket below `rootdirectory`.
+    fn start_s3(root: &Path, s3: &S3Server, rootdirectory: &str) -> Distribution {
+        let storage = format!(
+            "  s3:\n    regionendpoint: {}\n    region: us-east-1\n    bucket: {S3_BUCKET}\n    accesskey: {S3_ACCESS_KEY}\n    secretkey: {S3_SECRET_KEY}\n    secure: false\n    v4auth: true\n    rootdirectory: /{rootdirectory}\n",
+            s3.endpoint
+        );
+        Self::start_with(root, &storage)
+    }
+
+    fn start_with(root: &Path, storage: &str) -> Distribution {
         let port = free_port();
         let config = root.with_extension("yml");
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                root.display()
+                "version: 0.1\nlog:\n  level: debug\nstorage:\n{storage}  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
             ),
         )
         .unwrap();
+        let log = std::fs::File::create(root.with_extension("log")).unwrap();
         // With AWS_CA_BUNDLE set, distribution 2.8.2 panics at start.
         let mut child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config)
             .env_remove("AWS_CA_BUNDLE")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
             .spawn()
             .expect("spawn docker-registry");
         let c = client();
@@ -193,6 +210,15 @@ impl Drop for Distribution {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.root.with_extension("log")).unwrap_or_default();
+            let errors: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("level=error") || l.contains("level=panic"))
+                .filter(|l| !l.contains("http.response.status=404"))
+                .collect();
+            eprintln!("distribution's errors:\n{}", errors.join("\n"));
+        }
     }
 }
 
@@ -546,41 +572,87 @@ fn import_from_distribution_filesystem_by_hard_links() {
     assert_eq!(r.status(), 404);
 }
 
+/// The requests in `ops` other than reads of distribution's metadata (listings, links, and
+/// manifests, which distribution keeps as blobs: their digests are `manifests`) and journal
+/// records (berth's own PUTs under `berth/journal/`): writes of any other kind, and reads of
+/// layer or config bytes.
+fn not_metadata<'a>(ops: &'a [S3Op], manifests: &[String]) -> Vec<&'a S3Op> {
+    ops.iter()
+        .filter(|o| {
+            let read = matches!(
+                o.op.as_str(),
+                "HeadBucket" | "ListObjects" | "ListObjectsV2" | "HeadObject" | "GetObject"
+            );
+            let blob = o.key.contains("/blobs/")
+                && !manifests.iter().any(|m| {
+                    o.key
+                        .ends_with(&format!("/{}/data", m.trim_start_matches("sha256:")))
+                });
+            let journal = o.op == "PutObject" && o.key.starts_with("berth/journal/");
+            let metadata_read = read && !blob;
+            !metadata_read && !journal
+        })
+        .collect()
+}
+
+/// Digests of every manifest pushed: the top-level ones and the index's platforms.
+fn manifest_digests(pushed: &Pushed) -> Vec<String> {
+    let mut out = Vec::new();
+    for (_, _, manifest) in &pushed.images {
+        out.push(sha256_digest(manifest));
+        let v: serde_json::Value = serde_json::from_slice(manifest).unwrap();
+        for m in v["manifests"].as_array().into_iter().flatten() {
+            out.push(m["digest"].as_str().unwrap().to_string());
+        }
+    }
+    out
+}
+
 #[test]
-fn import_from_distribution_s3_layout_writes_nothing_to_the_bucket() {
+fn import_from_distribution_writing_s3_through_its_own_driver() {
     if !tools() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let dist = Distribution::start(&tmp.path().join("dist"));
+    // distribution's S3 driver stores into the bucket berth uses, below rootdirectory
+    // "legacy"; berth keeps its own objects below `berth/`.
+    let s3 = S3Server::start_for_distribution();
+    let dist = Distribution::start_s3(&tmp.path().join("dist"), &s3, "legacy");
     let pushed = push_everything(&dist, tmp.path());
-
-    // distribution's S3 driver writes the same keys as its filesystem driver, below its
-    // `rootdirectory`: put the tree into the bucket as that driver would have (s3s-fs keeps
-    // an object per file), under rootdirectory "legacy".
-    let s3 = S3Server::start();
-    let bucket_dir = s3.root.path().join(S3_BUCKET);
-    let mut files = Vec::new();
-    copy_tree(&dist.root, &bucket_dir.join("legacy"), &mut files);
+    let mut manifests = manifest_digests(&pushed);
     let objects_before = s3.object_files().len();
     let records_before = s3.journal_files().len();
 
     let mut berth = Berth::start_with("", Some(&s3));
     berth.kill();
+    // distribution keeps serving during the import: it is only read.
+    let ops_before = s3.operations().len();
     let requests_before = s3.request_count();
     let (_, s) = import(&berth, &["--from-bucket", "--root-directory", "legacy"]);
     let requests = s3.request_count() - requests_before;
+    let ops = s3.operations()[ops_before..].to_vec();
+    assert_eq!(line(&s, "repositories"), "3 (3 new)");
     assert_eq!(line(&s, "tags"), "4 added, 0 moved, 0 already present");
     assert_eq!(line(&s, "manifests"), "6 added, 0 already present");
     assert!(
         line(&s, "blobs").starts_with("13 links added, 10 new blobs"),
         "{s:?}"
     );
+    assert_eq!(s["bytes copied"].0, 0);
     assert_eq!(s["skipped"].0, 0);
-    // Reads: one HeadBucket (start-up check), one listing of the journal (catch-up), one
-    // listing page for repositories and one for blobs, a link file per tag, a manifest per
-    // revision. Writes: only the journal's records of what was adopted (no blob PUT, no copy,
-    // not one blob byte read).
+    let adopted: u64 = line(&s, "blobs")
+        .split('(')
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(adopted > pushed.layer_bytes, "{s:?}");
+    // No blob PUT, no copy, no multipart upload, not one blob byte read: besides the
+    // journal's records of what was adopted, only reads of distribution's listings, links
+    // and manifests.
+    assert_eq!(not_metadata(&ops, &manifests), Vec::<&S3Op>::new());
+    // One HeadBucket (start-up check), one listing of the journal (catch-up), one listing
+    // page for repositories and one for blobs, a link file per tag, a manifest per revision.
     let records = (s3.journal_files().len() - records_before) as u64;
     assert!(
         records > 0,
@@ -589,7 +661,7 @@ fn import_from_distribution_s3_layout_writes_nothing_to_the_bucket() {
     assert_eq!(
         requests - records,
         1 + 1 + 2 + 4 + 6,
-        "S3 requests of the import besides its {records} journal records"
+        "S3 requests of the import besides its {records} journal records: {ops:#?}"
     );
     assert_eq!(
         s3.object_files().len() as u64 - records,
@@ -600,31 +672,80 @@ fn import_from_distribution_s3_layout_writes_nothing_to_the_bucket() {
     berth.restart();
     assert_berth_serves(&berth, &pushed, tmp.path());
 
+    // A re-run adds nothing and writes nothing. It reads distribution's listings and tag
+    // links, and at start the journal's catch-up re-reads the records of the last minute (all
+    // of them here).
     berth.kill();
-    let requests_before = s3.request_count();
+    let ops_before = s3.operations().len();
     let records_before = s3.journal_files().len();
     let (_, s) = import(&berth, &["--from-bucket", "--root-directory", "legacy"]);
+    let ops = s3.operations()[ops_before..].to_vec();
     assert_eq!(line(&s, "tags"), "0 added, 0 moved, 4 already present");
     assert_eq!(line(&s, "manifests"), "0 added, 6 already present");
-    // A re-run records nothing. It reads distribution's listings and tag links, and at start
-    // the journal's catch-up re-reads the records of the last minute (all of them here).
-    assert_eq!(s3.journal_files().len(), records_before);
-    let requests = s3.request_count() - requests_before;
     assert!(
-        requests <= (1 + 1 + records_before + 2 + 4) as u64,
-        "{requests} S3 requests for a re-run"
+        line(&s, "blobs").starts_with("0 links added, 0 new blobs"),
+        "{s:?}"
     );
-}
+    assert_eq!(not_metadata(&ops, &manifests), Vec::<&S3Op>::new());
+    assert_eq!(s3.journal_files().len(), records_before);
+    assert!(
+        ops.len() <= 1 + 1 + records_before + 2 + 4,
+        "{} S3 requests for a re-run: {ops:#?}",
+        ops.len()
+    );
 
-fn copy_tree(from: &Path, to: &Path, files: &mut Vec<PathBuf>) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target, files);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-            files.push(target);
-        }
+    // distribution takes one more push (through its S3 driver): the re-run adds exactly that
+    // tag, again with no blob written or copied.
+    let mut more = Layout::new(&tmp.path().join("more"));
+    let (v2, v2_bytes) = more.image("amd64", 9, &[500_000]);
+    manifests.push(v2["digest"].as_str().unwrap().to_string());
+    more.tag("v2", v2);
+    dist.push(&more, "v2", "team/app");
+    let ops_before = s3.operations().len();
+    let (_, s) = import(&berth, &["--from-bucket", "--root-directory", "legacy"]);
+    let ops = s3.operations()[ops_before..].to_vec();
+    assert_eq!(line(&s, "repositories"), "3 (0 new)");
+    assert_eq!(line(&s, "tags"), "1 added, 0 moved, 4 already present");
+    assert_eq!(line(&s, "manifests"), "1 added, 6 already present");
+    assert!(
+        line(&s, "blobs").starts_with("2 links added, 2 new blobs"),
+        "{s:?}"
+    );
+    assert_eq!(s["bytes copied"].0, 0);
+    assert_eq!(not_metadata(&ops, &manifests), Vec::<&S3Op>::new());
+    berth.restart();
+    let r = client()
+        .get(berth.url("/v2/team/app/manifests/v2"))
+        .header("Accept", MANIFEST)
+        .send()
+        .unwrap();
+    assert!(r.bytes().unwrap()[..] == v2_bytes[..]);
+    let tags: serde_json::Value = serde_json::from_slice(
+        &client()
+            .get(berth.url("/v2/team/app/tags/list"))
+            .send()
+            .unwrap()
+            .bytes()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(tags["tags"].as_array().unwrap().len(), 3, "{tags}");
+    skopeo(&[
+        "copy",
+        "--preserve-digests",
+        "--src-tls-verify=false",
+        "--dest-oci-accept-uncompressed-layers",
+        &format!("docker://127.0.0.1:{}/team/app:v2", berth.port),
+        &format!("oci:{}:v2", tmp.path().join("pulled-v2").display()),
+    ]);
+    for entry in std::fs::read_dir(tmp.path().join("pulled-v2/blobs/sha256"))
+        .unwrap()
+        .flatten()
+    {
+        let digest = format!("sha256:{}", entry.file_name().to_string_lossy());
+        assert!(
+            std::fs::read(entry.path()).unwrap() == std::fs::read(more.path(&digest)).unwrap(),
+            "team/app:v2: {digest} differs from what was pushed"
+        );
     }
 }

@@ -17,7 +17,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use berth::storage::embedded::{EmbeddedOptions, EmbeddedS3};
@@ -34,6 +34,8 @@ pub struct S3Server {
     pub root: tempfile::TempDir,
     /// While set, the server answers every write with 503 (see [`S3Server::refuse_writes`]).
     writes_refused: Arc<AtomicBool>,
+    /// The request log of a server from [`S3Server::start_for_distribution`].
+    operations: Option<Arc<Mutex<Vec<S3Op>>>>,
 }
 
 impl S3Server {
@@ -56,6 +58,7 @@ impl S3Server {
             requests,
             root,
             writes_refused,
+            operations: None,
         }
     }
 
@@ -107,6 +110,398 @@ impl S3Server {
         let mut out = Vec::new();
         walk(&self.root.path().join(S3_BUCKET), &mut out);
         out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// An S3 server CNCF distribution's S3 driver can write to
+
+/// One request an [`S3Server::start_for_distribution`] server served: the S3 operation's
+/// name (`PutObject`, `CopyObject`, `UploadPart`...) and the key (or bucket) it named.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Op {
+    pub op: String,
+    pub key: String,
+}
+
+impl S3Server {
+    /// An S3 server that CNCF distribution 2.8.2's S3 driver (`storage.s3`) can store into:
+    /// s3s-fs as [`S3Server::start`] runs it, plus what that driver needs and s3s-fs 0.14.1
+    /// lacks (`for_distribution::ForDistribution`): ListMultipartUploads, which distribution
+    /// calls to resume every blob upload (each PATCH and the final PUT; s3s-fs answers 501
+    /// NotImplemented, distribution 500), a ListParts it can read, and PUTs of long keys. It
+    /// counts requests as [`S3Server::start`] does and logs each one
+    /// ([`S3Server::operations`]).
+    pub fn start_for_distribution() -> S3Server {
+        use s3s::auth::SimpleAuth;
+        use s3s::service::S3ServiceBuilder;
+
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join(S3_BUCKET)).unwrap();
+        let requests = Arc::new(AtomicU64::new(0));
+        let writes_refused = Arc::new(AtomicBool::new(false));
+        let operations = Arc::new(Mutex::new(Vec::new()));
+        let service = {
+            let mut b = S3ServiceBuilder::new(for_distribution::ForDistribution {
+                fs: s3s_fs::FileSystem::new(root.path()).unwrap(),
+                root: root.path().to_path_buf(),
+            });
+            b.set_auth(SimpleAuth::from_single(S3_ACCESS_KEY, S3_SECRET_KEY));
+            b.set_access(for_distribution::Recorder {
+                requests: requests.clone(),
+                operations: operations.clone(),
+                writes_refused: writes_refused.clone(),
+            });
+            b.build()
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let builder = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                while let Ok((socket, _)) = listener.accept().await {
+                    let _ = socket.set_nodelay(true);
+                    let conn = builder
+                        .serve_connection(hyper_util::rt::TokioIo::new(socket), service.clone())
+                        .into_owned();
+                    tokio::spawn(conn);
+                }
+            })
+        });
+        S3Server {
+            endpoint,
+            requests,
+            root,
+            writes_refused,
+            operations: Some(operations),
+        }
+    }
+
+    /// Every request served so far, in order (a server from
+    /// [`S3Server::start_for_distribution`] only).
+    pub fn operations(&self) -> Vec<S3Op> {
+        self.operations
+            .as_ref()
+            .expect("only a server from S3Server::start_for_distribution logs operations")
+            .lock()
+            .unwrap()
+            .clone()
+    }
+}
+
+/// The S3 service of [`S3Server::start_for_distribution`].
+mod for_distribution {
+    use super::*;
+    use s3s::dto::*;
+    use s3s::{S3Request, S3Response, S3Result};
+
+    /// s3s-fs, plus ListMultipartUploads over s3s-fs's own files, ListParts as distribution
+    /// reads it, and PutObject of long keys. Every other operation is s3s-fs's, unchanged.
+    ///
+    /// ListMultipartUploads: s3s-fs keeps an open multipart upload as `root/.upload-<id>.json` and, from
+    /// CreateMultipartUpload until Complete or Abort, its object attributes in
+    /// `root/.bucket-<base64 bucket>.object-<base64 key>.upload-<id>.metadata.json`: those name
+    /// every open upload's bucket and key, which is all ListMultipartUploads answers (one page,
+    /// in key then upload id order; no delimiter or markers, which distribution does not send).
+    ///
+    /// PutObject: s3s-fs names two side files of every object (attributes, checksum) after the
+    /// base64 of its bucket and key, in `root` itself, and fails the PUT (InternalError, once
+    /// the object is written) when that name exceeds 255 bytes (in bucket `registry`: keys over 160 bytes), as
+    /// distribution's tag link of a cosign-style tag (`.../_manifests/tags/sha256-<hex>.sig/
+    /// index/sha256/<hex>/link`, 222 bytes here). For such a key the object is stored alone,
+    /// as s3s-fs serves one without side files (ETag: the MD5 of its bytes; no content type
+    /// or user metadata, which distribution does not set on links).
+    ///
+    /// ListParts: s3s-fs leaves out IsTruncated, which distribution dereferences (a nil pointer
+    /// panic: distribution's handler dies, skopeo's upload fails), and lists parts in directory
+    /// order, where distribution takes the last one listed as the last part.
+    pub(super) struct ForDistribution {
+        pub(super) fs: s3s_fs::FileSystem,
+        pub(super) root: PathBuf,
+    }
+
+    #[async_trait::async_trait]
+    impl s3s::S3 for ForDistribution {
+        async fn list_multipart_uploads(
+            &self,
+            req: S3Request<ListMultipartUploadsInput>,
+        ) -> S3Result<S3Response<ListMultipartUploadsOutput>> {
+            use base64::Engine as _;
+            let input = req.input;
+            let prefix = input.prefix.unwrap_or_default();
+            let decode = |s: &str| {
+                let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(s)
+                    .ok()?;
+                String::from_utf8(bytes).ok()
+            };
+            let mut uploads = Vec::new();
+            let entries =
+                std::fs::read_dir(&self.root).map_err(|e| s3s::s3_error!(e, InternalError))?;
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else { continue };
+                let Some((bucket, key, id)) = name
+                    .strip_prefix(".bucket-")
+                    .and_then(|r| r.strip_suffix(".metadata.json"))
+                    .and_then(|r| r.split_once(".object-"))
+                    .and_then(|(b, r)| r.split_once(".upload-").map(|(k, id)| (b, k, id)))
+                else {
+                    continue;
+                };
+                let (Some(bucket), Some(key)) = (decode(bucket), decode(key)) else {
+                    continue;
+                };
+                let open = self.root.join(format!(".upload-{id}.json")).exists();
+                if bucket == input.bucket && key.starts_with(&prefix) && open {
+                    uploads.push(MultipartUpload {
+                        key: Some(key),
+                        upload_id: Some(id.to_string()),
+                        initiated: entry
+                            .metadata()
+                            .and_then(|m| m.modified())
+                            .ok()
+                            .map(Timestamp::from),
+                        ..Default::default()
+                    });
+                }
+            }
+            uploads.sort_by(|a, b| (&a.key, &a.upload_id).cmp(&(&b.key, &b.upload_id)));
+            Ok(S3Response::new(ListMultipartUploadsOutput {
+                bucket: Some(input.bucket),
+                prefix: Some(prefix),
+                is_truncated: Some(false),
+                uploads: Some(uploads),
+                ..Default::default()
+            }))
+        }
+
+        async fn list_parts(
+            &self,
+            req: S3Request<ListPartsInput>,
+        ) -> S3Result<S3Response<ListPartsOutput>> {
+            let mut r = self.fs.list_parts(req).await?;
+            if let Some(parts) = &mut r.output.parts {
+                parts.sort_by_key(|p| p.part_number);
+            }
+            r.output.is_truncated = Some(false);
+            Ok(r)
+        }
+
+        async fn create_bucket(
+            &self,
+            req: S3Request<CreateBucketInput>,
+        ) -> S3Result<S3Response<CreateBucketOutput>> {
+            self.fs.create_bucket(req).await
+        }
+
+        async fn copy_object(
+            &self,
+            req: S3Request<CopyObjectInput>,
+        ) -> S3Result<S3Response<CopyObjectOutput>> {
+            self.fs.copy_object(req).await
+        }
+
+        async fn delete_bucket(
+            &self,
+            req: S3Request<DeleteBucketInput>,
+        ) -> S3Result<S3Response<DeleteBucketOutput>> {
+            self.fs.delete_bucket(req).await
+        }
+
+        async fn delete_object(
+            &self,
+            req: S3Request<DeleteObjectInput>,
+        ) -> S3Result<S3Response<DeleteObjectOutput>> {
+            self.fs.delete_object(req).await
+        }
+
+        async fn delete_objects(
+            &self,
+            req: S3Request<DeleteObjectsInput>,
+        ) -> S3Result<S3Response<DeleteObjectsOutput>> {
+            self.fs.delete_objects(req).await
+        }
+
+        async fn get_bucket_location(
+            &self,
+            req: S3Request<GetBucketLocationInput>,
+        ) -> S3Result<S3Response<GetBucketLocationOutput>> {
+            self.fs.get_bucket_location(req).await
+        }
+
+        async fn get_object(
+            &self,
+            req: S3Request<GetObjectInput>,
+        ) -> S3Result<S3Response<GetObjectOutput>> {
+            self.fs.get_object(req).await
+        }
+
+        async fn head_bucket(
+            &self,
+            req: S3Request<HeadBucketInput>,
+        ) -> S3Result<S3Response<HeadBucketOutput>> {
+            self.fs.head_bucket(req).await
+        }
+
+        async fn head_object(
+            &self,
+            req: S3Request<HeadObjectInput>,
+        ) -> S3Result<S3Response<HeadObjectOutput>> {
+            self.fs.head_object(req).await
+        }
+
+        async fn list_buckets(
+            &self,
+            req: S3Request<ListBucketsInput>,
+        ) -> S3Result<S3Response<ListBucketsOutput>> {
+            self.fs.list_buckets(req).await
+        }
+
+        async fn list_objects(
+            &self,
+            req: S3Request<ListObjectsInput>,
+        ) -> S3Result<S3Response<ListObjectsOutput>> {
+            self.fs.list_objects(req).await
+        }
+
+        async fn list_objects_v2(
+            &self,
+            req: S3Request<ListObjectsV2Input>,
+        ) -> S3Result<S3Response<ListObjectsV2Output>> {
+            self.fs.list_objects_v2(req).await
+        }
+
+        async fn put_object(
+            &self,
+            req: S3Request<PutObjectInput>,
+        ) -> S3Result<S3Response<PutObjectOutput>> {
+            use base64::Engine as _;
+            use futures_util::StreamExt as _;
+            use s3s::crypto::Checksum as _;
+            let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+            let input = &req.input;
+            let side_file = format!(
+                ".bucket-{}.object-{}.metadata.json",
+                b64(&input.bucket),
+                b64(&input.key)
+            );
+            if side_file.len() <= 255 {
+                return self.fs.put_object(req).await;
+            }
+            if input.if_match.is_some() || input.if_none_match.is_some() {
+                return Err(s3s::s3_error!(
+                    NotImplemented,
+                    "conditional PUT of a long key"
+                ));
+            }
+            let key = Path::new(&input.key);
+            if key.is_absolute() || key.components().any(|c| c.as_os_str() == "..") {
+                return Err(s3s::s3_error!(InvalidArgument, "key outside the bucket"));
+            }
+            let path = self.root.join(&input.bucket).join(key);
+            let mut body = req
+                .input
+                .body
+                .ok_or_else(|| s3s::s3_error!(IncompleteBody))?;
+            let mut bytes = Vec::new();
+            while let Some(chunk) = body.next().await {
+                bytes.extend_from_slice(&chunk.map_err(|e| s3s::s3_error!(IncompleteBody, "{e}"))?);
+            }
+            // As s3s-fs writes: a temporary file (a name its start-up sweep removes), renamed.
+            let tmp = self
+                .root
+                .join(format!(".tmp.long-{}.internal.part", uuid::Uuid::new_v4()));
+            let written = std::fs::create_dir_all(path.parent().unwrap())
+                .and_then(|()| std::fs::write(&tmp, &bytes))
+                .and_then(|()| std::fs::rename(&tmp, &path));
+            written.map_err(|e| s3s::s3_error!(e, InternalError))?;
+            let mut md5 = s3s::crypto::Md5::new();
+            md5.update(&bytes);
+            Ok(S3Response::new(PutObjectOutput {
+                e_tag: Some(ETag::Strong(hex::encode(md5.finalize()))),
+                ..Default::default()
+            }))
+        }
+
+        async fn create_multipart_upload(
+            &self,
+            req: S3Request<CreateMultipartUploadInput>,
+        ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
+            self.fs.create_multipart_upload(req).await
+        }
+
+        async fn upload_part(
+            &self,
+            req: S3Request<UploadPartInput>,
+        ) -> S3Result<S3Response<UploadPartOutput>> {
+            self.fs.upload_part(req).await
+        }
+
+        async fn upload_part_copy(
+            &self,
+            req: S3Request<UploadPartCopyInput>,
+        ) -> S3Result<S3Response<UploadPartCopyOutput>> {
+            self.fs.upload_part_copy(req).await
+        }
+
+        async fn complete_multipart_upload(
+            &self,
+            req: S3Request<CompleteMultipartUploadInput>,
+        ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
+            self.fs.complete_multipart_upload(req).await
+        }
+
+        async fn abort_multipart_upload(
+            &self,
+            req: S3Request<AbortMultipartUploadInput>,
+        ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
+            self.fs.abort_multipart_upload(req).await
+        }
+    }
+
+    /// Counts and logs every request; refuses writes while `writes_refused` is set (as
+    /// [`S3Server::refuse_writes`] says); denies unsigned requests (as berth's embedded store).
+    pub(super) struct Recorder {
+        pub(super) requests: Arc<AtomicU64>,
+        pub(super) operations: Arc<Mutex<Vec<S3Op>>>,
+        pub(super) writes_refused: Arc<AtomicBool>,
+    }
+
+    #[async_trait::async_trait]
+    impl s3s::access::S3Access for Recorder {
+        async fn check(&self, cx: &mut s3s::access::S3AccessContext<'_>) -> S3Result<()> {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            let key = match cx.s3_path() {
+                s3s::path::S3Path::Root => String::new(),
+                s3s::path::S3Path::Bucket { bucket } => bucket.to_string(),
+                s3s::path::S3Path::Object { key, .. } => key.to_string(),
+            };
+            self.operations.lock().unwrap().push(S3Op {
+                op: cx.s3_op().name().to_string(),
+                key,
+            });
+            let writes = *cx.method() != http::Method::GET && *cx.method() != http::Method::HEAD;
+            if writes && self.writes_refused.load(Ordering::SeqCst) {
+                return Err(s3s::s3_error!(
+                    ServiceUnavailable,
+                    "writes are switched off"
+                ));
+            }
+            if cx.credentials().is_none() {
+                return Err(s3s::s3_error!(AccessDenied, "Signature is required"));
+            }
+            Ok(())
+        }
     }
 }
 
