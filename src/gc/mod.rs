@@ -292,10 +292,12 @@ impl Collector {
                     strays.push(Candidate::Blob(digest.clone()));
                 }
             }
-            report.queued += strays.len() as u64;
-            if !dry_run {
-                self.meta.gc_enqueue(&strays, now).await?;
-            }
+            // A dry run cannot tell which strays the queue holds already: it counts them all.
+            report.queued += if dry_run {
+                strays.len() as u64
+            } else {
+                self.meta.gc_enqueue(&strays, now).await?
+            };
             self.rest(worked).await;
         }
         if self.config.untagged_manifests == UntaggedManifests::Keep {

@@ -265,7 +265,7 @@ impl<M: MetaStore> MetaStore for Instrumented<M> {
         self.inner.gc_queue_len().await
     }
 
-    async fn gc_enqueue(&self, candidates: &[Candidate], now: u64) -> MetaResult<()> {
+    async fn gc_enqueue(&self, candidates: &[Candidate], now: u64) -> MetaResult<u64> {
         let _t = self.timers.gc_enqueue.start_timer();
         self.inner.gc_enqueue(candidates, now).await
     }

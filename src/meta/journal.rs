@@ -712,7 +712,7 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
         self.inner.gc_queue_len().await
     }
 
-    async fn gc_enqueue(&self, candidates: &[Candidate], now: u64) -> MetaResult<()> {
+    async fn gc_enqueue(&self, candidates: &[Candidate], now: u64) -> MetaResult<u64> {
         self.inner.gc_enqueue(candidates, now).await
     }
 

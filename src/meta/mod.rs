@@ -305,8 +305,9 @@ pub trait MetaStore: Send + Sync + 'static {
     ) -> MetaResult<Vec<QueuedCandidate>>;
     /// Number of queued candidates (both kinds).
     async fn gc_queue_len(&self) -> MetaResult<u64>;
-    /// Queues each candidate at `now` unless it is queued already (its time then stays).
-    async fn gc_enqueue(&self, candidates: &[Candidate], now: u64) -> MetaResult<()>;
+    /// Queues each candidate at `now` unless it is queued already (its time then stays);
+    /// returns how many were not queued before.
+    async fn gc_enqueue(&self, candidates: &[Candidate], now: u64) -> MetaResult<u64>;
     /// Removes the candidates from the queue where they are there.
     async fn gc_dequeue(&self, candidates: &[Candidate]) -> MetaResult<()>;
     /// The collection decision and the metadata delete in one transaction. Nothing changes

@@ -1347,9 +1347,9 @@ impl MetaStore for PgStore {
         to_u64("gc_queue", row.get(0))
     }
 
-    async fn gc_enqueue(&self, candidates: &[Candidate], now: u64) -> MetaResult<()> {
+    async fn gc_enqueue(&self, candidates: &[Candidate], now: u64) -> MetaResult<u64> {
         if candidates.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let now = to_i64("gc_enqueue now", now)?;
         let (kinds, repos, digests) = candidate_columns(candidates);
@@ -1361,7 +1361,6 @@ impl MetaStore for PgStore {
             &[&kinds, &repos, &digests, &now],
         )
         .await
-        .map(|_| ())
     }
 
     async fn gc_dequeue(&self, candidates: &[Candidate]) -> MetaResult<()> {

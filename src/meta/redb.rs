@@ -1182,17 +1182,22 @@ impl MetaStore for RedbStore {
         queue.len().map_err(ctx("gc_queue_len"))
     }
 
-    async fn gc_enqueue(&self, candidates: &[Candidate], now: u64) -> MetaResult<()> {
+    async fn gc_enqueue(&self, candidates: &[Candidate], now: u64) -> MetaResult<u64> {
         if candidates.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let candidates = candidates.to_vec();
         self.write("gc_enqueue", move |txn| {
+            let mut queued = 0;
             for c in &candidates {
                 let (kind, repo, digest) = gc::candidate_key(c);
-                gc::enqueue_if_absent(txn, kind, repo, digest, now)?;
+                queued += u64::from(gc::enqueue_if_absent(txn, kind, repo, digest, now)?);
             }
-            Ok(Outcome::Commit(()))
+            Ok(if queued > 0 {
+                Outcome::Commit(queued)
+            } else {
+                Outcome::Abort(0)
+            })
         })
         .await
     }

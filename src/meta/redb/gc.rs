@@ -121,11 +121,12 @@ pub(super) fn enqueue_if_absent(
     repo: &str,
     digest: &str,
     now: u64,
-) -> MetaResult<()> {
-    if queued(txn, kind, repo, digest)?.is_none() {
-        touch(txn, kind, repo, digest, now)?;
+) -> MetaResult<bool> {
+    if queued(txn, kind, repo, digest)?.is_some() {
+        return Ok(false);
     }
-    Ok(())
+    touch(txn, kind, repo, digest, now)?;
+    Ok(true)
 }
 
 /// When the candidate was last touched, if queued.
