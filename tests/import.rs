@@ -425,6 +425,39 @@ fn assert_berth_serves(berth: &Berth, pushed: &Pushed, tmp: &Path) {
     );
 }
 
+/// The summary of a re-run after distribution took one more tag (`team/app:v2`, one layer).
+#[track_caller]
+fn assert_added_one_tag(s: &BTreeMap<String, (u64, String)>) {
+    assert_eq!(line(s, "repositories"), "3 (0 new)");
+    assert_eq!(line(s, "tags"), "1 added, 0 moved, 4 already present");
+    assert_eq!(line(s, "manifests"), "1 added, 6 already present");
+    assert!(
+        line(s, "blobs").starts_with("2 links added, 2 new blobs"),
+        "{s:?}"
+    );
+}
+
+/// berth serves that tag byte-exact, beside the two it had.
+#[track_caller]
+fn assert_serves_v2(berth: &Berth, v2_bytes: &[u8]) {
+    let r = client()
+        .get(berth.url("/v2/team/app/manifests/v2"))
+        .header("Accept", MANIFEST)
+        .send()
+        .unwrap();
+    assert!(r.bytes().unwrap()[..] == v2_bytes[..]);
+    let tags: serde_json::Value = serde_json::from_slice(
+        &client()
+            .get(berth.url("/v2/team/app/tags/list"))
+            .send()
+            .unwrap()
+            .bytes()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(tags["tags"].as_array().unwrap().len(), 3, "{tags}");
+}
+
 fn tools() -> bool {
     have_tool("docker-registry", "docker-registry") && have_tool("skopeo", "skopeo")
 }
@@ -505,30 +538,9 @@ fn import_from_distribution_filesystem_by_hard_links() {
     more.tag("v2", v2);
     dist.push(&more, "v2", "team/app");
     let (_, s) = import(&berth, &["--from-dir", dist.root.to_str().unwrap()]);
-    assert_eq!(line(&s, "repositories"), "3 (0 new)");
-    assert_eq!(line(&s, "tags"), "1 added, 0 moved, 4 already present");
-    assert_eq!(line(&s, "manifests"), "1 added, 6 already present");
-    assert!(
-        line(&s, "blobs").starts_with("2 links added, 2 new blobs"),
-        "{s:?}"
-    );
+    assert_added_one_tag(&s);
     berth.restart();
-    let r = client()
-        .get(berth.url("/v2/team/app/manifests/v2"))
-        .header("Accept", MANIFEST)
-        .send()
-        .unwrap();
-    assert!(r.bytes().unwrap()[..] == v2_bytes[..]);
-    let tags: serde_json::Value = serde_json::from_slice(
-        &client()
-            .get(berth.url("/v2/team/app/tags/list"))
-            .send()
-            .unwrap()
-            .bytes()
-            .unwrap(),
-    )
-    .unwrap();
-    assert_eq!(tags["tags"].as_array().unwrap().len(), 3, "{tags}");
+    assert_serves_v2(&berth, &v2_bytes);
 
     // An image whose layer distribution lost: its blob link, manifest and tag are skipped,
     // each with its reason, and nothing of it is served.
@@ -704,32 +716,11 @@ fn import_from_distribution_writing_s3_through_its_own_driver() {
     let ops_before = s3.operations().len();
     let (_, s) = import(&berth, &["--from-bucket", "--root-directory", "legacy"]);
     let ops = s3.operations()[ops_before..].to_vec();
-    assert_eq!(line(&s, "repositories"), "3 (0 new)");
-    assert_eq!(line(&s, "tags"), "1 added, 0 moved, 4 already present");
-    assert_eq!(line(&s, "manifests"), "1 added, 6 already present");
-    assert!(
-        line(&s, "blobs").starts_with("2 links added, 2 new blobs"),
-        "{s:?}"
-    );
+    assert_added_one_tag(&s);
     assert_eq!(s["bytes copied"].0, 0);
     assert_eq!(not_metadata(&ops, &manifests), Vec::<&S3Op>::new());
     berth.restart();
-    let r = client()
-        .get(berth.url("/v2/team/app/manifests/v2"))
-        .header("Accept", MANIFEST)
-        .send()
-        .unwrap();
-    assert!(r.bytes().unwrap()[..] == v2_bytes[..]);
-    let tags: serde_json::Value = serde_json::from_slice(
-        &client()
-            .get(berth.url("/v2/team/app/tags/list"))
-            .send()
-            .unwrap()
-            .bytes()
-            .unwrap(),
-    )
-    .unwrap();
-    assert_eq!(tags["tags"].as_array().unwrap().len(), 3, "{tags}");
+    assert_serves_v2(&berth, &v2_bytes);
     skopeo(&[
         "copy",
         "--preserve-digests",
