@@ -410,14 +410,14 @@ def metadata_delta(before, after):
     return {"meta_writes": n, "meta_write_s": t}
 
 
-def dist_registry(name, work, port, storage):
+def dist_registry(name, work, port, storage, access_log=False):
     d = os.path.join(work, name)
     os.makedirs(d, exist_ok=True)
     conf = f"""version: 0.1
 log:
   level: error
   accesslog:
-    disabled: true
+    disabled: {"false" if access_log else "true"}
 storage:
 {storage}
   delete:
