@@ -36,7 +36,8 @@ BUCKET = "berth-mirror"
 CONCURRENT = 32
 LAYER = 64 * MiB
 TTL = "10m"
-REPS = {True: 3, False: 5}  # repetitions of each part (cold GETs, warm pull pairs)
+REPS = {True: 3, False: 5}  # cold repetitions (a fresh layer each)
+PULL_ROUNDS = {True: 3, False: 7}  # warm pull rounds (one mirror and one ordinary pull each)
 ACCESS = re.compile(r'"(GET|HEAD|PUT|POST|PATCH|DELETE) (\S+) HTTP/[\d.]+" (\d{3}) ')
 
 
@@ -136,12 +137,12 @@ def _check_bodies(bodies, size, digest):
 
 def section(B, P, work, garage, berth_bin, quick):
     """Runs the pull-through mirror rows; returns their results (R["mirror"])."""
-    reps = REPS[bool(quick)]
+    reps, rounds = REPS[bool(quick)], PULL_ROUNDS[bool(quick)]
     d = os.path.join(work, "mirror")
     imgdir = os.path.join(d, "images")
     os.makedirs(imgdir, exist_ok=True)
-    G = {"params": {"reps": reps, "concurrent": CONCURRENT, "layer": LAYER, "prefix": PREFIX, "ttl": TTL,
-                    "pull_layers": list(P["layers"])}}
+    G = {"params": {"reps": reps, "pull_rounds": rounds, "concurrent": CONCURRENT, "layer": LAYER,
+                    "prefix": PREFIX, "ttl": TTL, "pull_layers": list(P["layers"])}}
     # A bucket of its own: no Garage block another path stored, no other berth's journal.
     garage.cli("bucket", "create", BUCKET)
     garage.cli("bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", garage.key_id)
@@ -158,7 +159,7 @@ def section(B, P, work, garage, berth_bin, quick):
           f"(prefix {PREFIX})")
     try:
         _cold(B, G, garage, upstream, alog, mirror, imgdir, reps)
-        _warm(B, P, G, garage, upstream, alog, mirror, imgdir, d, reps)
+        _warm(B, P, G, garage, upstream, alog, mirror, imgdir, d, rounds)
     finally:
         mirror.stop()
         upstream.stop()
@@ -202,7 +203,7 @@ def _cold(B, G, garage, upstream, alog, mirror, imgdir, reps):
     G["cold"] = {k: B._agg(v) for k, v in rows.items()}
 
 
-def _warm(B, P, G, garage, upstream, alog, mirror, imgdir, d, reps):
+def _warm(B, P, G, garage, upstream, alog, mirror, imgdir, d, rounds):
     img = B.make_image(os.path.join(imgdir, "pull"), P["layers"])
     G["image_bytes"] = img["bytes"]
     B.skopeo_push(img, upstream, "bench/pull")
@@ -225,7 +226,7 @@ def _warm(B, P, G, garage, upstream, alog, mirror, imgdir, d, reps):
 
     rows = {"mirror": [], "normal": []}
     mark_all = alog.mark()
-    for rnd in range(reps + 1):  # round 0: untimed warm-up
+    for rnd in range(rounds + 1):  # round 0: untimed warm-up
         order = ("mirror", "normal") if rnd % 2 == 0 else ("normal", "mirror")
         for kind in order:
             os.sync()
@@ -244,7 +245,7 @@ def _warm(B, P, G, garage, upstream, alog, mirror, imgdir, d, reps):
     reqs = alog.since(mark_all, settle=0)
     G["warm"] = {k: B._agg(v) for k, v in rows.items()}
     G["warm_upstream"] = {"blob_gets": blob_gets(reqs), "manifest_requests": manifest_requests(reqs),
-                          "requests": len(reqs), "pulls": 2 * (reps + 1)}
+                          "requests": len(reqs), "pulls": 2 * (rounds + 1)}
     w = G["warm"]
     B.log(f"mirror: warm pull through the mirror {B.fmt(w['mirror']['mbps'])} MB/s, from the ordinary "
           f"repository {B.fmt(w['normal']['mbps'])} MB/s; upstream during them: "
@@ -329,8 +330,8 @@ def report(R, w, fmt):
       f"through the mirror to fill it ({cp['seconds']:.2f} s, {cp['mbps']:,.0f} MB/s; {cp['upstream_blob_gets']} "
       f"upstream blob GETs for its {cp['blobs']} blobs), then pushed to an ordinary repository of the same berth "
       "(the same digests: the same objects in the bucket). Then `skopeo copy` to `oci:` through the mirror and "
-      f"from the ordinary repository, {p['reps']} rounds interleaved with the order alternating, after one "
-      f"untimed round. During those {u['pulls']} pulls the upstream logged {u['blob_gets']} blob GETs and "
+      f"from the ordinary repository, {p['pull_rounds']} rounds interleaved with the order alternating, "
+      f"after one untimed round. During those {u['pulls']} pulls the upstream logged {u['blob_gets']} blob GETs and "
       f"{u['manifest_requests']} manifest requests ({u['requests']} requests in all).\n")
     w("| pull | MB/s | wall s | berth peak RSS MiB | berth CPU s | S3 GETs | upstream blob GETs |")
     w("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
