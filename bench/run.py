@@ -30,6 +30,7 @@ import urllib.request
 
 import gc_bench
 import import_bench
+import mirror_bench
 import pg_bench
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -410,14 +411,14 @@ def metadata_delta(before, after):
     return {"meta_writes": n, "meta_write_s": t}
 
 
-def dist_registry(name, work, port, storage):
+def dist_registry(name, work, port, storage, access_log=False):
     d = os.path.join(work, name)
     os.makedirs(d, exist_ok=True)
     conf = f"""version: 0.1
 log:
   level: error
   accesslog:
-    disabled: true
+    disabled: {"false" if access_log else "true"}
 storage:
 {storage}
   delete:
@@ -893,7 +894,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(BENCH, "results"), help="results directory")
     ap.add_argument("--report", metavar="JSON", help="only re-render the .md report of a results .json")
     ap.add_argument("--only", metavar="SECTIONS", default="",
-                    help="comma-separated: run only these sections (pg, import, gc), not the core ones")
+                    help="comma-separated: run only these sections (pg, import, gc, mirror), not the core ones")
     ap.add_argument("--wait-quiet", type=int, default=0, metavar="SECONDS",
                     help="first wait up to SECONDS for other processes to use < 0.3 cores for 10 s")
     args = ap.parse_args()
@@ -957,7 +958,7 @@ def bench(args, work, stamp):
     R = {"meta": {}, "params": P, "small": {}, "blob_get": {}, "redirect": {}, "concurrent": {},
          "push": {}, "pull": {}, "big_push": {}}
     # Sections beyond the core ones, each in a module of its own: all unless --only names some.
-    sections = set(filter(None, args.only.split(","))) or {"pg", "import", "gc"}
+    sections = set(filter(None, args.only.split(","))) or {"pg", "import", "gc", "mirror"}
 
     # ---- tools
     ensure_apt({"docker-registry": "docker-registry", "hey": "hey", "wrk": "wrk",
@@ -1308,6 +1309,8 @@ def bench(args, work, stamp):
         R["import"] = import_bench.section(sys.modules[__name__], P, work, garage, berth_bin, quick)
     if "gc" in sections:
         R["gc"] = gc_bench.section(sys.modules[__name__], P, work, berth_bin, quick)
+    if "mirror" in sections:
+        R["mirror"] = mirror_bench.section(sys.modules[__name__], P, work, garage, berth_bin, quick)
 
     R["meta"]["load_after"] = load_snapshot()
     R["meta"]["other_processes"] = monitor.stop()
@@ -1557,6 +1560,7 @@ def targets_of(R):
     pg_bench.targets(R, add, med)
     import_bench.targets(R, add, med)
     gc_bench.targets(R, add, med)
+    mirror_bench.targets(R, add, med)
     return T
 
 
@@ -1727,6 +1731,7 @@ def report(R):
     pg_bench.report(R, w, fmt)
     import_bench.report(R, w, fmt)
     gc_bench.report(R, w, fmt)
+    mirror_bench.report(R, w, fmt)
     return "\n".join(L) + "\n"
 
 
