@@ -19,7 +19,8 @@
 //! | `journal`        | `"watermark"`                        | the bucket journal's watermark               |
 //! | `write_probe`    | `"probe"`                            | bytes, only while probing after an I/O error |
 //!
-//! and the garbage-collection tables (reference index, queue) described in [`gc`].
+//! plus the index of sessions by last update described in [`sessions`], and the
+//! garbage-collection tables (reference index, queue) described in [`gc`].
 //!
 //! Digests are stored as their `sha256:<hex>` strings. The manifest body is stored raw, exactly
 //! as pushed, since it is served byte-exact. Pending upload bytes are kept as appended chunks
@@ -60,6 +61,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 mod gc;
+mod sessions;
 
 use super::{
     upload_claim, BlobCollection, BlobRecord, Candidate, CandidateKind, Linked, ManifestPut,
@@ -323,7 +325,10 @@ fn open_database(path: &Path) -> MetaResult<Database> {
     wtable(&txn, TAG_TIMES)?;
     wtable(&txn, GC_QUEUE)?;
     wtable(&txn, GC_DUE)?;
+    wtable(&txn, sessions::UPLOAD_TIMES)?;
+    wtable(&txn, sessions::UPLOADS_BY_TIME)?;
     gc::upgrade(&txn, unix_now())?;
+    sessions::upgrade(&txn)?;
     txn.commit().map_err(ctx("create tables"))?;
     Ok(db)
 }
@@ -953,12 +958,10 @@ impl MetaStore for RedbStore {
 
     async fn create_upload(&self, session: &UploadSession) -> MetaResult<()> {
         let id = session.id.clone();
+        let updated = session.updated;
         let json = encode_session(session)?;
         self.write("create_upload", move |txn| {
-            let mut uploads = wtable(txn, UPLOADS)?;
-            uploads
-                .insert(id.as_str(), &json[..])
-                .map_err(ctx("insert session"))?;
+            sessions::put(txn, &id, updated, &json)?;
             // A fresh session starts with no pending bytes, whatever a reused id left.
             let mut pending = wtable(txn, UPLOAD_PENDING)?;
             clear_pending(&mut pending, &id)?;
@@ -1002,13 +1005,11 @@ impl MetaStore for RedbStore {
             )));
         }
         let id = session.id.clone();
+        let updated = session.updated;
         let json = encode_session(session)?;
         self.write("save_upload", move |txn| {
             let id = id.as_str();
-            let mut uploads = wtable(txn, UPLOADS)?;
-            uploads
-                .insert(id, &json[..])
-                .map_err(ctx("insert session"))?;
+            sessions::put(txn, id, updated, &json)?;
             let mut pending = wtable(txn, UPLOAD_PENDING)?;
             if change.clear {
                 clear_pending(&mut pending, id)?;
@@ -1041,11 +1042,7 @@ impl MetaStore for RedbStore {
         let id = id.to_owned();
         let deleted = self
             .write("delete_upload", move |txn| {
-                let mut uploads = wtable(txn, UPLOADS)?;
-                let existed = uploads
-                    .remove(id.as_str())
-                    .map_err(ctx("remove session"))?
-                    .is_some();
+                let existed = sessions::remove(txn, &id)?;
                 let mut pending = wtable(txn, UPLOAD_PENDING)?;
                 clear_pending(&mut pending, &id)?;
                 Ok(Outcome::Commit(existed))
@@ -1060,11 +1057,10 @@ impl MetaStore for RedbStore {
         let txn = self.read()?;
         let uploads = rtable(&txn, UPLOADS)?;
         let mut out = Vec::new();
-        for entry in uploads.iter().map_err(ctx("idle_uploads"))? {
-            let (_, v) = entry.map_err(ctx("idle_uploads"))?;
-            let session = decode_session(v.value())?;
-            if session.updated < cutoff {
-                out.push(session);
+        // Only the idle ones are read and decoded (the index by time).
+        for id in sessions::idle(&txn, cutoff)? {
+            if let Some(v) = uploads.get(id.as_str()).map_err(ctx("idle_uploads"))? {
+                out.push(decode_session(v.value())?);
             }
         }
         Ok(out)
@@ -1086,8 +1082,7 @@ impl MetaStore for RedbStore {
                 let repo = repo.as_str();
                 let digest = digest.as_str();
                 {
-                    let mut uploads = wtable(txn, UPLOADS)?;
-                    uploads.remove(id.as_str()).map_err(ctx("remove session"))?;
+                    sessions::remove(txn, &id)?;
                     let mut pending = wtable(txn, UPLOAD_PENDING)?;
                     clear_pending(&mut pending, &id)?;
                 }
@@ -1351,6 +1346,18 @@ impl MetaStore for RedbStore {
         let txn = self.read()?;
         let refs = rtable(&txn, REFS)?;
         gc::referenced_anywhere(&refs, digest.as_str())
+    }
+
+    async fn unreferenced(&self, digests: &[Digest]) -> MetaResult<Vec<Digest>> {
+        let txn = self.read()?;
+        let refs = rtable(&txn, REFS)?;
+        let mut out = Vec::new();
+        for digest in digests {
+            if !gc::referenced_anywhere(&refs, digest.as_str())? {
+                out.push(digest.clone());
+            }
+        }
+        Ok(out)
     }
 
     async fn repo_manifests(
@@ -1989,6 +1996,22 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(ids(s.idle_uploads(301).await.unwrap()), vec!["b", "c"]);
+        assert!(s.delete_upload("b").await.unwrap());
+        assert_eq!(ids(s.idle_uploads(u64::MAX).await.unwrap()), vec!["a", "c"]);
+
+        // A file written before the index by time: its sessions are indexed at open.
+        drop(s);
+        let path = _dir.path().join("meta.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(sessions::UPLOAD_TIMES).unwrap();
+            txn.delete_table(sessions::UPLOADS_BY_TIME).unwrap();
+            txn.commit().unwrap();
+        }
+        let s = RedbStore::open(&path).unwrap();
+        assert_eq!(ids(s.idle_uploads(301).await.unwrap()), vec!["c"]);
+        assert_eq!(ids(s.idle_uploads(u64::MAX).await.unwrap()), vec!["a", "c"]);
     }
 
     #[tokio::test]
