@@ -53,8 +53,11 @@ const BATCH: usize = 500;
 const COLLECT_BATCH: usize = 100;
 /// Object deletes in flight at once after a batch.
 const PARALLEL_DELETES: usize = 16;
+/// While the registry is busy a pass rests this many times as long as each batch took: it
+/// keeps to a quarter of a core, which pushes on a 2-core machine do not notice (bench/).
+const REST_FACTOR: u32 = 3;
 /// The longest rest after one batch while the registry is busy.
-const MAX_REST: std::time::Duration = std::time::Duration::from_millis(500);
+const MAX_REST: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
@@ -195,8 +198,8 @@ impl Collector {
     }
 
     /// A pass inside `berth serve` yields to traffic: while `busy` says requests are being
-    /// answered, it rests after each batch as long as the batch took (half a core at most on
-    /// the collector's side), so pushes keep their throughput during collection.
+    /// answered, it rests after each batch [`REST_FACTOR`] times as long as the batch took,
+    /// so pushes keep their throughput during collection.
     pub fn yielding_to(mut self, busy: Busy) -> Self {
         self.busy = Some(busy);
         self
@@ -205,7 +208,7 @@ impl Collector {
     /// Called after a batch of work that started at `worked`.
     async fn rest(&self, worked: Instant) {
         if self.busy.as_ref().is_some_and(|busy| busy()) {
-            tokio::time::sleep(worked.elapsed().min(MAX_REST)).await;
+            tokio::time::sleep((worked.elapsed() * REST_FACTOR).min(MAX_REST)).await;
         }
     }
 
@@ -286,12 +289,14 @@ impl Collector {
             let page = self.meta.blobs(after.as_ref(), BATCH).await?;
             let Some((last, _)) = page.last() else { break };
             after = Some(last.clone());
-            let mut strays = Vec::new();
-            for (digest, _) in &page {
-                if !self.meta.is_referenced(digest).await? {
-                    strays.push(Candidate::Blob(digest.clone()));
-                }
-            }
+            let digests: Vec<Digest> = page.into_iter().map(|(digest, _)| digest).collect();
+            let strays: Vec<Candidate> = self
+                .meta
+                .unreferenced(&digests)
+                .await?
+                .into_iter()
+                .map(Candidate::Blob)
+                .collect();
             // A dry run cannot tell which strays the queue holds already: it counts them all.
             report.queued += if dry_run {
                 strays.len() as u64

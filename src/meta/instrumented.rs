@@ -50,6 +50,7 @@ struct Timers {
     gc_dequeue: Histogram,
     collect_blob: Histogram,
     collect_blobs: Histogram,
+    unreferenced: Histogram,
     collect_manifest: Histogram,
     blobs: Histogram,
     is_referenced: Histogram,
@@ -90,6 +91,7 @@ impl<M: MetaStore> Instrumented<M> {
             gc_dequeue: META.op("gc_dequeue"),
             collect_blob: META.op("collect_blob"),
             collect_blobs: META.op("collect_blobs"),
+            unreferenced: META.op("unreferenced"),
             collect_manifest: META.op("collect_manifest"),
             blobs: META.op("blobs"),
             is_referenced: META.op("is_referenced"),
@@ -311,6 +313,11 @@ impl<M: MetaStore> MetaStore for Instrumented<M> {
     async fn is_referenced(&self, digest: &Digest) -> MetaResult<bool> {
         let _t = self.timers.is_referenced.start_timer();
         self.inner.is_referenced(digest).await
+    }
+
+    async fn unreferenced(&self, digests: &[Digest]) -> MetaResult<Vec<Digest>> {
+        let _t = self.timers.unreferenced.start_timer();
+        self.inner.unreferenced(digests).await
     }
 
     async fn repo_manifests(

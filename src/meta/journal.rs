@@ -797,6 +797,10 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
         self.inner.is_referenced(digest).await
     }
 
+    async fn unreferenced(&self, digests: &[Digest]) -> MetaResult<Vec<Digest>> {
+        self.inner.unreferenced(digests).await
+    }
+
     async fn repo_manifests(
         &self,
         repo: &str,

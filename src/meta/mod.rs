@@ -348,6 +348,17 @@ pub trait MetaStore: Send + Sync + 'static {
     ) -> MetaResult<Vec<(Digest, BlobRecord)>>;
     /// Whether any manifest in any repository references `digest`.
     async fn is_referenced(&self, digest: &Digest) -> MetaResult<bool>;
+    /// Those of `digests` no manifest references, in order ([`MetaStore::is_referenced`] for
+    /// each; a backend may answer them all in one read).
+    async fn unreferenced(&self, digests: &[Digest]) -> MetaResult<Vec<Digest>> {
+        let mut out = Vec::new();
+        for digest in digests {
+            if !self.is_referenced(digest).await? {
+                out.push(digest.clone());
+            }
+        }
+        Ok(out)
+    }
     /// Digests of `repo`'s manifests in order, strictly after `after`, at most `limit`.
     async fn repo_manifests(
         &self,
