@@ -1,17 +1,19 @@
 //! Downstream TLS (`tls:`): rustls through pingora, HTTP/2 and HTTP/1.1 by ALPN, optional
-//! client certificates (mTLS). The certificate and key are served by a resolver that SIGHUP
-//! reloads ([`crate::auth::HangupReload`]): new connections get the new certificate,
-//! established ones keep theirs. Client CAs are read at start only.
+//! client certificates (mTLS). The certificate and key are served by a resolver, and client
+//! certificates checked by a verifier, that SIGHUP reloads ([`crate::auth::HangupReload`],
+//! [`TlsFiles::reload`]): new connections get the new files, established ones keep theirs.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use pingora_core::listeners::tls::TlsSettings;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::RootCertStore;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 
 use crate::config::TlsConfig;
 
@@ -71,29 +73,144 @@ fn certified_key(certificate: &Path, key: &Path) -> Result<CertifiedKey, String>
         .map_err(|e| format!("tls.certificate / tls.key: {e}"))
 }
 
-/// The listener's TLS settings and the resolver SIGHUP reloads.
-pub fn settings(c: &TlsConfig) -> Result<(TlsSettings, Arc<CertResolver>), String> {
+/// Checks client certificates against the CAs of `tls.clientcas`, which
+/// [`ClientCas::reload`] reads again.
+#[derive(Debug)]
+pub struct ClientCas {
+    paths: Vec<PathBuf>,
+    current: RwLock<Arc<dyn ClientCertVerifier>>,
+}
+
+impl ClientCas {
+    pub fn load(paths: &[PathBuf]) -> Result<ClientCas, String> {
+        Ok(ClientCas {
+            paths: paths.to_vec(),
+            current: RwLock::new(client_verifier(paths)?),
+        })
+    }
+
+    /// Reads the files again; on error the current CAs stay.
+    pub fn reload(&self) -> Result<(), String> {
+        let v = client_verifier(&self.paths)?;
+        *self.current.write().expect("client CAs") = v;
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<dyn ClientCertVerifier> {
+        self.current.read().expect("client CAs").clone()
+    }
+}
+
+fn client_verifier(paths: &[PathBuf]) -> Result<Arc<dyn ClientCertVerifier>, String> {
+    let mut roots = RootCertStore::empty();
+    for path in paths {
+        for cert in read_certs(path, "tls.clientcas")? {
+            roots
+                .add(cert)
+                .map_err(|e| format!("tls.clientcas {}: {e}", path.display()))?;
+        }
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| format!("tls.clientcas: {e}"))
+}
+
+impl ClientCertVerifier for ClientCas {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    /// No CA names in the certificate request: they would have to outlive a reload, and the
+    /// clients of a registry (Go's crypto/tls, rustls, OpenSSL) present their one
+    /// certificate without them.
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
+}
+
+/// What SIGHUP reloads of `tls:`: the certificate and key, and the client CAs if set.
+pub struct TlsFiles {
+    pub certificate: Arc<CertResolver>,
+    pub client_cas: Option<Arc<ClientCas>>,
+}
+
+impl TlsFiles {
+    /// Reloads each; what fails to load keeps its previous version. One line per part.
+    pub fn reload(&self) -> Vec<Result<&'static str, String>> {
+        let mut out = vec![self
+            .certificate
+            .reload()
+            .map(|()| "TLS certificate")
+            .map_err(|e| format!("TLS certificate not reloaded: {e}"))];
+        if let Some(cas) = &self.client_cas {
+            out.push(
+                cas.reload()
+                    .map(|()| "tls.clientcas")
+                    .map_err(|e| format!("tls.clientcas not reloaded: {e}")),
+            );
+        }
+        out
+    }
+}
+
+/// The listener's TLS settings and the files SIGHUP reloads.
+pub fn settings(c: &TlsConfig) -> Result<(TlsSettings, Arc<TlsFiles>), String> {
     let resolver = Arc::new(CertResolver::load(&c.certificate, &c.key)?);
     let mut s =
         TlsSettings::intermediate(&c.certificate.to_string_lossy(), &c.key.to_string_lossy())
             .map_err(|e| format!("tls: {e}"))?;
     s.set_cert_resolver(resolver.clone());
     s.enable_h2();
-    if !c.client_cas.is_empty() {
-        let mut roots = RootCertStore::empty();
-        for path in &c.client_cas {
-            for cert in read_certs(path, "tls.clientcas")? {
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("tls.clientcas {}: {e}", path.display()))?;
-            }
-        }
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .build()
-            .map_err(|e| format!("tls.clientcas: {e}"))?;
-        s.set_client_cert_verifier(verifier);
-    }
-    Ok((s, resolver))
+    let client_cas = if c.client_cas.is_empty() {
+        None
+    } else {
+        let cas = Arc::new(ClientCas::load(&c.client_cas)?);
+        s.set_client_cert_verifier(cas.clone());
+        Some(cas)
+    };
+    Ok((
+        s,
+        Arc::new(TlsFiles {
+            certificate: resolver,
+            client_cas,
+        }),
+    ))
 }
 
 #[cfg(test)]

@@ -834,6 +834,37 @@ fn mtls_requires_a_client_certificate() {
         ..tls.clone()
     };
     assert!(tls_client(&wrong).get(&url).send().is_err());
+
+    // SIGHUP with another client CA in the file: its certificates are let in on new
+    // connections, the old CA's are not.
+    let others = Pki::new("second client CA");
+    std::fs::write(&client_ca, &others.ca_pem).unwrap();
+    let (ocert, okey) = others.issue(&["client.example"], true);
+    let other = TlsClient {
+        identity_pem: Some(format!("{ocert}{okey}").into_bytes()),
+        ..tls.clone()
+    };
+    berth.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tls_client(&other).get(&url).send().is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "client CAs not reloaded:\n{}",
+            berth.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(berth.log().contains("SIGHUP: tls.clientcas reloaded"));
+    assert!(tls_client(&tls).get(&url).send().is_err());
+    // A broken CA file: refused, the CAs in force stay.
+    std::fs::write(&client_ca, "garbage").unwrap();
+    berth.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !berth.log().contains("tls.clientcas not reloaded") {
+        assert!(Instant::now() < deadline, "{}", berth.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(tls_client(&other).get(&url).send().unwrap().status(), 200);
 }
 
 #[test]

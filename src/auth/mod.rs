@@ -320,19 +320,20 @@ fn credentials(req: &RequestHeader) -> Credentials {
     }
 }
 
-/// SIGHUP: reload the TLS certificate and key, and the htpasswd file or the token root
-/// certificates. What fails to load is logged and the previous version stays in force.
+/// SIGHUP: reload the TLS certificate and key, the client CAs, and the htpasswd file or the
+/// token root certificates. What fails to load is logged and the previous version stays in
+/// force.
 pub struct HangupReload {
     pub guard: Arc<Guard>,
-    pub tls: Option<Arc<crate::tls::CertResolver>>,
+    pub tls: Option<Arc<crate::tls::TlsFiles>>,
 }
 
 impl HangupReload {
     pub fn reload(&self) {
-        if let Some(tls) = &self.tls {
-            match tls.reload() {
-                Ok(()) => log::info!("SIGHUP: TLS certificate reloaded"),
-                Err(e) => log::error!("SIGHUP: TLS certificate not reloaded: {e}"),
+        for outcome in self.tls.iter().flat_map(|tls| tls.reload()) {
+            match outcome {
+                Ok(what) => log::info!("SIGHUP: {what} reloaded"),
+                Err(e) => log::error!("SIGHUP: {e}"),
             }
         }
         match self.guard.reload() {
