@@ -525,3 +525,140 @@ fn full_disk_fails_writes_cleanly_and_heals_without_restart() {
         readyz(&c, metrics_port).0 == 200
     });
 }
+
+/// One image pushed as docker and podman do (chunked blob uploads, then the manifest) to
+/// `base`; its tag and manifest when berth acknowledged it, None when any step failed (berth
+/// was killed under it).
+fn try_push(c: &Client, base: &str, repo: &str, tag: &str, seed: u64) -> Option<(String, Vec<u8>)> {
+    let push_blob = |bytes: &[u8]| -> Option<String> {
+        let digest = common::sha256_digest(bytes);
+        let r = c
+            .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+            .send()
+            .ok()?;
+        if r.status() != 202 {
+            return None;
+        }
+        let mut url = format!("{base}{}", r.headers().get("location")?.to_str().ok()?);
+        // Two PATCHes: the kill may land between them, inside one, or in the completion.
+        let half = bytes.len() / 2;
+        for (start, chunk) in [(0, &bytes[..half]), (half, &bytes[half..])] {
+            let r = c
+                .patch(&url)
+                .header("Content-Type", "application/octet-stream")
+                .header(
+                    "Content-Range",
+                    format!("{start}-{}", start + chunk.len() - 1),
+                )
+                .body(chunk.to_vec())
+                .send()
+                .ok()?;
+            if r.status() != 202 {
+                return None;
+            }
+            url = format!("{base}{}", r.headers().get("location")?.to_str().ok()?);
+        }
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let r = c.put(format!("{url}{sep}digest={digest}")).send().ok()?;
+        (r.status() == 201).then_some(digest)
+    };
+    let config = format!("{{\"seed\":{seed}}}").into_bytes();
+    let layer = random_bytes(seed, 6 * MIB + seed % 4096);
+    let config_digest = push_blob(&config)?;
+    let layer_digest = push_blob(&layer)?;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": layer_digest, "size": layer.len()}],
+    }))
+    .unwrap();
+    let r = c
+        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest.clone())
+        .send()
+        .ok()?;
+    (r.status() == 201).then_some((tag.to_string(), manifest))
+}
+
+/// `kill -9` every 1–2.5 s during four clients' chunked pushes (5 MiB parts: each layer is a
+/// multipart upload), eight times: every image berth acknowledged pulls byte-identical, and
+/// once the sessions the kills abandoned expire, no staged multipart bytes stay on disk.
+#[test]
+fn repeated_kill_9_during_chunked_pushes_loses_nothing_and_strands_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let mut berth = Berth::start("upload:\n  part_size: 5MiB\n  session_expiry: 2s\n");
+    let base = berth.url("");
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let pushers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (base, stop, acknowledged) = (base.clone(), stop.clone(), acknowledged.clone());
+            std::thread::spawn(move || {
+                let c = reqwest::blocking::Client::builder()
+                    .timeout(Duration::from_secs(30))
+                    .build()
+                    .unwrap();
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 1;
+                    let tag = format!("t{t}-{i}");
+                    match try_push(&c, &base, "heal/kill", &tag, t * 10_000 + i) {
+                        Some(done) => acknowledged.lock().unwrap().push(done),
+                        None => std::thread::sleep(Duration::from_millis(50)),
+                    }
+                }
+            })
+        })
+        .collect();
+    for k in 0..8u64 {
+        std::thread::sleep(Duration::from_millis(1000 + (k * 7919) % 1500));
+        berth.kill();
+        berth.start_again();
+    }
+    // A last round with berth up: pushes complete again after the kills.
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::SeqCst);
+    for p in pushers {
+        p.join().unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() >= 4,
+        "only {} pushes succeeded",
+        acknowledged.len()
+    );
+    let c = client();
+    for (tag, manifest) in &acknowledged {
+        let r = c
+            .get(berth.url(&format!("/v2/heal/kill/manifests/{tag}")))
+            .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "{tag}");
+        assert!(
+            r.bytes().unwrap()[..] == manifest[..],
+            "{tag}: other manifest"
+        );
+        let m: serde_json::Value = serde_json::from_slice(manifest).unwrap();
+        for d in [&m["config"]["digest"], &m["layers"][0]["digest"]] {
+            let d = d.as_str().unwrap();
+            let r = c
+                .get(berth.url(&format!("/v2/heal/kill/blobs/{d}")))
+                .send()
+                .unwrap();
+            assert_eq!(r.status(), 200, "{tag} blob {d}");
+            assert_eq!(common::sha256_digest(&r.bytes().unwrap()), d, "{tag}");
+        }
+    }
+    wait_until(
+        "the abandoned sessions' multipart files to be reclaimed",
+        Duration::from_secs(30),
+        || multipart_files(&berth).is_empty(),
+    );
+}
