@@ -503,14 +503,14 @@ fn migrations_fresh_up_to_date_and_newer_refused() {
 
     let (ok, out) = berth_command(&["migrate", "--config", config], &env);
     assert!(ok, "{out}");
-    assert!(out.contains("schema version 0 -> 2"), "{out}");
+    assert!(out.contains("schema version 0 -> 3"), "{out}");
     let tables = pg.sql(
         &db,
         "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename IN \
          ('blobs','repo_blobs','manifests','tags','referrers','repositories','uploads','upload_pending','claims',\
-          'manifest_references','gc_queue','journal_watermark')",
+          'manifest_references','gc_queue','journal_watermark','journal_order')",
     );
-    assert_eq!(tables, "12");
+    assert_eq!(tables, "13");
     let (ok, out) = berth_command(&["migrate", "--config", config], &env);
     assert!(ok, "{out}");
     assert!(out.contains("up to date"), "{out}");
@@ -523,7 +523,7 @@ fn migrations_fresh_up_to_date_and_newer_refused() {
     let (ok, out) = berth_command(&["migrate", "--config", config], &env);
     assert!(!ok);
     assert!(
-        out.contains("schema is version 99, newer than this berth knows (2)"),
+        out.contains("schema is version 99, newer than this berth knows (3)"),
         "{out}"
     );
     let (status, log) =
