@@ -836,6 +836,27 @@ fn recover_into_postgres_and_rebuild_at_start() {
     );
     assert!(out.contains("2 repositories"), "{out}");
     assert_eq!(tag_digest(&rebuilt, &c, "rec/app0", "v0"), None);
+    // Every stripe's next record sorts after the newest record replayed, whatever the clock of
+    // the node that writes it.
+    let newest = s3
+        .journal_files()
+        .iter()
+        .filter_map(|f| {
+            // .../journal/<time>-<node>-<seq>/<what>
+            let mut parts = f.iter().skip_while(|p| *p != "journal");
+            let unique = parts.nth(1)?.to_str()?;
+            Some(unique.get(..24)?.to_owned())
+        })
+        .max()
+        .unwrap();
+    let order = pg.sql(
+        &db,
+        &format!(
+            "SELECT count(*), bool_and(last_ms > extract(epoch FROM '{newest}'::timestamptz) * 1000) \
+             FROM journal_order"
+        ),
+    );
+    assert_eq!(order, "1024|t", "newest record {newest}");
     for (repo, tag, digest) in &images[1..] {
         assert_eq!(pull(&rebuilt, &c, repo, tag), *digest);
     }
