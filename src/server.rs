@@ -52,10 +52,7 @@ pub fn prepare(config: Config) -> Result<(Config, Arc<Registry>), StartError> {
     prepare_data_dir(&config)?;
     // First the metadata store: redb's lock stops a second berth on the same data directory
     // here, before it touches the embedded store's files.
-    let backend = match &config.metadata {
-        MetadataConfig::Redb => Backend::Redb(RedbStore::open(&config.data_dir.join("meta.redb"))?),
-        MetadataConfig::Postgres(pg) => Backend::Postgres(connect_postgres(pg)?),
-    };
+    let backend = Backend::open(&config)?;
     let (config, rt, probe, embedded_root) = reach_storage(config, backend.meta())?;
     let mut store = ObjectStore::new(&config.storage)?;
     if let Some(root) = embedded_root {
@@ -75,13 +72,23 @@ pub fn prepare(config: Config) -> Result<(Config, Arc<Registry>), StartError> {
 }
 
 /// The metadata backend the config names, opened.
-enum Backend {
+pub(crate) enum Backend {
     Redb(RedbStore),
     Postgres(PgStore),
 }
 
 impl Backend {
-    fn meta(&self) -> &dyn MetaStore {
+    /// redb at `data_dir/meta.redb`, or PostgreSQL (its schema migrated first).
+    pub(crate) fn open(config: &Config) -> Result<Backend, StartError> {
+        Ok(match &config.metadata {
+            MetadataConfig::Redb => {
+                Backend::Redb(RedbStore::open(&config.data_dir.join("meta.redb"))?)
+            }
+            MetadataConfig::Postgres(pg) => Backend::Postgres(connect_postgres(pg)?),
+        })
+    }
+
+    pub(crate) fn meta(&self) -> &dyn MetaStore {
         match self {
             Backend::Redb(m) => m,
             Backend::Postgres(m) => m,
@@ -91,7 +98,7 @@ impl Backend {
     /// The backend as the registry sees it: timed, and journaled unless `journal.enabled`
     /// is off.
     /// Replaying the bucket journal: GC touches keep queued times.
-    fn set_replaying(&self, on: bool) {
+    pub(crate) fn set_replaying(&self, on: bool) {
         match self {
             Backend::Redb(m) => m.set_replaying(on),
             Backend::Postgres(m) => m.set_replaying(on),

@@ -503,14 +503,14 @@ fn migrations_fresh_up_to_date_and_newer_refused() {
 
     let (ok, out) = berth_command(&["migrate", "--config", config], &env);
     assert!(ok, "{out}");
-    assert!(out.contains("schema version 0 -> 2"), "{out}");
+    assert!(out.contains("schema version 0 -> 3"), "{out}");
     let tables = pg.sql(
         &db,
         "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename IN \
          ('blobs','repo_blobs','manifests','tags','referrers','repositories','uploads','upload_pending','claims',\
-          'manifest_references','gc_queue','journal_watermark')",
+          'manifest_references','gc_queue','journal_watermark','journal_order')",
     );
-    assert_eq!(tables, "12");
+    assert_eq!(tables, "13");
     let (ok, out) = berth_command(&["migrate", "--config", config], &env);
     assert!(ok, "{out}");
     assert!(out.contains("up to date"), "{out}");
@@ -523,7 +523,7 @@ fn migrations_fresh_up_to_date_and_newer_refused() {
     let (ok, out) = berth_command(&["migrate", "--config", config], &env);
     assert!(!ok);
     assert!(
-        out.contains("schema is version 99, newer than this berth knows (2)"),
+        out.contains("schema is version 99, newer than this berth knows (3)"),
         "{out}"
     );
     let (status, log) =
@@ -675,5 +675,211 @@ trait JsonBody {
 impl JsonBody for Response {
     fn json_value(self) -> serde_json::Value {
         serde_json::from_str(&self.text().unwrap()).unwrap()
+    }
+}
+
+/// The digest `repo:tag` resolves to through `berth`, None when the tag is not there.
+#[track_caller]
+fn tag_digest(berth: &Berth, c: &Client, repo: &str, tag: &str) -> Option<String> {
+    let r = c
+        .get(berth.url(&format!("/v2/{repo}/manifests/{tag}")))
+        .header("Accept", OCI_MANIFEST)
+        .send()
+        .unwrap();
+    match r.status().as_u16() {
+        200 => Some(sha256_digest(&r.bytes().unwrap())),
+        404 => None,
+        s => panic!("GET {repo}:{tag}: {s}: {}", r.text().unwrap()),
+    }
+}
+
+/// `berth recover` into a new, empty database of `pg` from `s3`'s bucket; returns a node
+/// started on it afterwards, and what recover printed.
+fn recover_into_new_database(pg: &PgServer, s3: &S3Server) -> (Berth, String, String) {
+    let db = pg.create_database();
+    let mut b = Berth::stopped_with(&pg.metadata_yaml(&db), Some(s3));
+    let (status, out) = b.recover();
+    assert!(status.success(), "berth recover: {status}\n{out}");
+    assert!(out.contains("recovered in"), "{out}");
+    b.start_again();
+    (b, db, out)
+}
+
+/// Two nodes, each tag raced by a client on each node with different manifests (and some by a
+/// delete): records of the same tag from the two nodes are in the bucket in the order the
+/// database committed them, so a rebuild from the bucket gives every tag the digest the
+/// database has.
+#[test]
+fn tags_raced_through_two_nodes_rebuild_to_what_the_database_has() {
+    const TAGS: usize = 40;
+    const ROUNDS: usize = 3;
+    let pg = PgServer::shared();
+    let s3 = S3Server::start();
+    let (_, n) = nodes(pg, &s3, 2, "");
+    let repo = "twin/app";
+    // Two images per tag, their blobs pushed before the race.
+    let images: Vec<[(Vec<u8>, String); 2]> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..TAGS)
+            .map(|i| {
+                let n = &n;
+                scope.spawn(move || {
+                    let c = client();
+                    let seed = 1000 + 2 * i as u64;
+                    [
+                        push_image_blobs(&n[0], &c, repo, seed),
+                        push_image_blobs(&n[1], &c, repo, seed + 1),
+                    ]
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for round in 0..ROUNDS {
+        // Every third tag is also deleted, through either node, while the puts race.
+        let deletes = (0..TAGS).filter(|i| (i + round) % 3 == 0).count();
+        let barrier = Barrier::new(2 * TAGS + deletes);
+        std::thread::scope(|scope| {
+            for (i, pair) in images.iter().enumerate() {
+                let tag = format!("t{i}");
+                for (side, (manifest, _)) in pair.iter().enumerate() {
+                    let (node, barrier, tag) = (&n[(side + round) % 2], &barrier, tag.clone());
+                    scope.spawn(move || {
+                        let c = client();
+                        barrier.wait();
+                        put_manifest(node, &c, repo, &tag, manifest);
+                    });
+                }
+                if (i + round) % 3 == 0 {
+                    let (node, barrier) = (&n[(i + round) % 2], &barrier);
+                    scope.spawn(move || {
+                        let c = client();
+                        barrier.wait();
+                        let r = c
+                            .delete(node.url(&format!("/v2/{repo}/manifests/{tag}")))
+                            .send()
+                            .unwrap();
+                        // 404: the delete came before both puts.
+                        assert!(
+                            [202, 404].contains(&r.status().as_u16()),
+                            "DELETE {tag}: {}",
+                            r.status()
+                        );
+                    });
+                }
+            }
+        });
+    }
+    let c = client();
+    let expected: Vec<Option<String>> = (0..TAGS)
+        .map(|i| {
+            let tag = format!("t{i}");
+            let on_a = tag_digest(&n[0], &c, repo, &tag);
+            assert_eq!(on_a, tag_digest(&n[1], &c, repo, &tag), "{tag}");
+            if let Some(d) = &on_a {
+                assert!(
+                    images[i].iter().any(|(_, pushed)| pushed == d),
+                    "{tag}: {d}"
+                );
+            }
+            on_a
+        })
+        .collect();
+    assert!(expected.iter().any(Option::is_some), "every tag deleted");
+
+    let (rebuilt, _, _) = recover_into_new_database(pg, &s3);
+    let mismatched: Vec<String> = (0..TAGS)
+        .filter_map(|i| {
+            let tag = format!("t{i}");
+            let got = tag_digest(&rebuilt, &c, repo, &tag);
+            (got != expected[i])
+                .then(|| format!("{tag}: database {:?}, rebuilt {got:?}", expected[i]))
+        })
+        .collect();
+    assert!(
+        mismatched.is_empty(),
+        "{} of {TAGS} tags differ after the rebuild:\n{}",
+        mismatched.len(),
+        mismatched.join("\n")
+    );
+    for (i, d) in expected.iter().enumerate() {
+        if let Some(d) = d {
+            assert_eq!(pull(&rebuilt, &c, repo, &format!("t{i}")), *d);
+        }
+    }
+}
+
+/// `berth recover` into an empty PostgreSQL database, and berth rebuilding one by itself when
+/// it starts on an empty database: the images pull; a database that is not empty is refused.
+#[test]
+fn recover_into_postgres_and_rebuild_at_start() {
+    let pg = PgServer::shared();
+    let s3 = S3Server::start();
+    let (_, n) = nodes(pg, &s3, 1, "");
+    let c = client();
+    let mut images = Vec::new();
+    for i in 0..3u64 {
+        let repo = format!("rec/app{}", i % 2);
+        let (manifest, digest) = push_image_blobs(&n[0], &c, &repo, 300 + i);
+        put_manifest(&n[0], &c, &repo, &format!("v{i}"), &manifest);
+        images.push((repo, format!("v{i}"), digest));
+    }
+    let r = c
+        .delete(n[0].url("/v2/rec/app0/manifests/v0"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+
+    let (mut rebuilt, db, out) = recover_into_new_database(pg, &s3);
+    assert!(
+        out.contains(&format!("PostgreSQL database \"{db}\"")),
+        "{out}"
+    );
+    assert!(out.contains("2 repositories"), "{out}");
+    assert_eq!(tag_digest(&rebuilt, &c, "rec/app0", "v0"), None);
+    // Every stripe's next record sorts after the newest record replayed, whatever the clock of
+    // the node that writes it.
+    let newest = s3
+        .journal_files()
+        .iter()
+        .filter_map(|f| {
+            // .../journal/<time>-<node>-<seq>/<what>
+            let mut parts = f.iter().skip_while(|p| *p != "journal");
+            let unique = parts.nth(1)?.to_str()?;
+            Some(unique.get(..24)?.to_owned())
+        })
+        .max()
+        .unwrap();
+    let order = pg.sql(
+        &db,
+        &format!(
+            "SELECT count(*), bool_and(last_ms > extract(epoch FROM '{newest}'::timestamptz) * 1000) \
+             FROM journal_order"
+        ),
+    );
+    assert_eq!(order, "1024|t", "newest record {newest}");
+    for (repo, tag, digest) in &images[1..] {
+        assert_eq!(pull(&rebuilt, &c, repo, tag), *digest);
+    }
+    // The rebuilt database is not fresh any more: a second recover into it is refused.
+    rebuilt.kill();
+    let (status, out) = rebuilt.recover();
+    assert!(!status.success(), "{out}");
+    assert!(out.contains("is not empty"), "{out}");
+    assert!(out.contains(&db), "{out}");
+    assert!(
+        !out.contains("postgres://"),
+        "the URL is not printed: {out}"
+    );
+
+    // A node started on an empty database with records in the bucket rebuilds it by itself.
+    let started = Berth::start_with(&pg.metadata_yaml(&pg.create_database()), Some(&s3));
+    assert!(
+        started.log().contains("rebuilding it from the bucket"),
+        "{}",
+        started.log()
+    );
+    assert_eq!(tag_digest(&started, &c, "rec/app0", "v0"), None);
+    for (repo, tag, digest) in &images[1..] {
+        assert_eq!(pull(&started, &c, repo, tag), *digest);
     }
 }

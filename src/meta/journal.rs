@@ -21,8 +21,11 @@
 //! # Order
 //!
 //! Records and commits on the same tag, manifest or blob digest are serialized inside the
-//! node (striped locks), so the bucket's order is the store's order. Across nodes records are
-//! ordered by their time (clocks are assumed synchronized to well under a request).
+//! node (striped locks), so the bucket's order is the store's order. Across nodes (one
+//! PostgreSQL database) the store orders them ([`MetaStore::journal_order`]): a write holds
+//! its stripes in the database from before its record until after its commit, and its record
+//! time is after the previous record of those stripes, whatever the nodes' clocks say. So for
+//! writes to the same items, key order is commit order on every node.
 //!
 //! # Repair and rebuild
 //!
@@ -33,7 +36,6 @@
 //! whole journal ([`rebuild`]).
 
 use std::collections::{BTreeMap, HashSet};
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -58,7 +60,11 @@ pub const JOURNAL: &str = "journal/";
 pub const CATCH_UP_MARGIN: Duration = Duration::from_secs(60);
 /// `<time>-<node>-<seq>/` in a journal key.
 const UNIQUE_PART: usize = 24 + 1 + 8 + 1 + 8 + 1;
-/// Lock stripes for serializing record + commit.
+/// Stripes ordering record + commit across nodes ([`MetaStore::journal_order`]). A stable
+/// hash of the item: every node (every berth version) maps an item to the same stripe.
+pub const ORDER_STRIPES: u32 = 1024;
+/// Lock stripes for serializing record + commit inside the node: `order stripe % STRIPES`
+/// (two writes that share an order stripe share a local one, and wait for each other here).
 const STRIPES: usize = 64;
 /// Session id that no session has: a replayed link is a `finish_upload` without a session.
 const NO_SESSION: &str = "";
@@ -198,6 +204,55 @@ fn key_time<'k>(prefix: &str, key: &'k str) -> Option<&'k str> {
     rest.get(..24)
 }
 
+/// Holds stripes of the journal's order for the other nodes ([`MetaStore::journal_order`]).
+/// Release it explicitly (after the local commit, and on failure); dropped instead, it must
+/// still let the stripes go (e.g. by closing its database connection).
+#[async_trait]
+pub trait OrderGuard: Send + Sync {
+    /// The time (unix ms) of the records written under the guard.
+    fn time_ms(&self) -> u64;
+    async fn release(self: Box<Self>);
+}
+
+/// The order stripe of an item (FNV-1a over its parts: stable across builds).
+fn order_stripe(item: &(&str, &str, &str)) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [item.0, item.1, item.2] {
+        for b in part.bytes().chain(std::iter::once(0)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    (h % u64::from(ORDER_STRIPES)) as u32
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The stripes a write holds: in the node, and (on a shared store) across nodes.
+struct Held<'j> {
+    _local: Vec<tokio::sync::MutexGuard<'j, ()>>,
+    order: Option<Box<dyn OrderGuard>>,
+}
+
+impl Held<'_> {
+    /// The time the records written under these stripes must carry (None: the node's clock).
+    fn time(&self) -> Option<u64> {
+        self.order.as_ref().map(|g| g.time_ms())
+    }
+
+    /// Lets the stripes go: across nodes first, then in the node.
+    async fn release(self) {
+        if let Some(g) = self.order {
+            g.release().await;
+        }
+    }
+}
+
 /// Writes records: the node's identity, its clock and sequence, the locks, and what is in
 /// flight (for the watermark).
 pub struct Journal {
@@ -289,37 +344,44 @@ impl Journal {
         }
     }
 
-    /// Holds the stripes of `items` (sorted, so two callers never deadlock).
-    async fn lock(&self, items: &[(&str, &str, &str)]) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
-        let mut idx: Vec<usize> = items
-            .iter()
-            .map(|item| {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                item.hash(&mut h);
-                (h.finish() % STRIPES as u64) as usize
-            })
-            .collect();
+    /// Holds the stripes of `items` in the node, then across nodes when `meta` orders them
+    /// (both sorted, so two callers never deadlock).
+    async fn lock(
+        &self,
+        meta: &dyn MetaStore,
+        items: &[(&str, &str, &str)],
+    ) -> MetaResult<Held<'_>> {
+        let mut order: Vec<u32> = items.iter().map(order_stripe).collect();
+        order.sort_unstable();
+        order.dedup();
+        let mut idx: Vec<usize> = order.iter().map(|&o| o as usize % STRIPES).collect();
         idx.sort_unstable();
         idx.dedup();
-        let mut guards = Vec::with_capacity(idx.len());
+        let mut local = Vec::with_capacity(idx.len());
         for i in idx {
-            guards.push(self.stripes[i].lock().await);
+            local.push(self.stripes[i].lock().await);
         }
-        guards
+        let at = {
+            let c = self.clock.lock().expect("clock poisoned");
+            c.last_ms.max(now_ms())
+        };
+        let order = meta.journal_order(&order, at).await?;
+        Ok(Held {
+            _local: local,
+            order,
+        })
     }
 
-    /// Writes the record; the caller commits locally only if this succeeded.
-    async fn write(&self, op: &Op, payload: &[u8]) -> MetaResult<Ticket<'_>> {
+    /// Writes the record, at time `at` (unix ms) when the store orders records across nodes
+    /// (else by the node's clock); the caller commits locally only if this succeeded.
+    async fn write(&self, op: &Op, payload: &[u8], at: Option<u64>) -> MetaResult<Ticket<'_>> {
         let (time, seq) = {
             let mut c = self.clock.lock().expect("clock poisoned");
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
-            // Never backwards, so that this node's records stay in order.
-            c.last_ms = c.last_ms.max(now);
+            // Never backwards, so that this node's records stay in order. A time the store
+            // gave is kept as given: it is what the stripe's next record comes after.
+            c.last_ms = c.last_ms.max(at.unwrap_or_else(now_ms));
             c.seq += 1;
-            let time = format_time(UNIX_EPOCH + Duration::from_millis(c.last_ms));
+            let time = format_time(UNIX_EPOCH + Duration::from_millis(at.unwrap_or(c.last_ms)));
             *self
                 .in_flight
                 .lock()
@@ -399,6 +461,12 @@ impl<M: MetaStore> Journaled<M> {
         }
     }
 
+    /// Holds the stripes of `items`, in the node and across nodes (see [`Journal::lock`]):
+    /// release them after the local commit.
+    async fn lock(&self, items: &[(&str, &str, &str)]) -> MetaResult<Held<'_>> {
+        self.journal.lock(&self.inner, items).await
+    }
+
     /// Whether `record` is a blob at its verified key (the key is the record).
     fn is_verified_key(&self, repo: &str, digest: &Digest, record: &BlobRecord) -> bool {
         self.journal.store.verified_blob_key(digest, repo).as_ref() == Some(&record.key)
@@ -425,39 +493,49 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
     }
 
     async fn link_blob(&self, repo: &str, digest: &Digest) -> MetaResult<bool> {
-        let _g = self.journal.lock(&[("blob", digest.as_str(), "")]).await;
-        let Some(blob) = self.inner.blob(digest).await? else {
-            return Ok(false);
-        };
-        if self.inner.repo_blob(repo, digest).await?.is_some() {
-            // Already linked: nothing changes that the bucket does not already say.
-            return self.inner.link_blob(repo, digest).await;
+        let held = self.lock(&[("blob", digest.as_str(), "")]).await?;
+        let out = async {
+            let Some(blob) = self.inner.blob(digest).await? else {
+                return Ok(false);
+            };
+            if self.inner.repo_blob(repo, digest).await?.is_some() {
+                // Already linked: nothing changes that the bucket does not already say.
+                return self.inner.link_blob(repo, digest).await;
+            }
+            let op = Op::Link {
+                repo: repo.to_owned(),
+                digest: digest.to_string(),
+                key: blob.key,
+                size: blob.size,
+            };
+            let ticket = self.journal.write(&op, &[], held.time()).await?;
+            let out = self.inner.link_blob(repo, digest).await?;
+            self.committed(ticket).await;
+            Ok(out)
         }
-        let op = Op::Link {
-            repo: repo.to_owned(),
-            digest: digest.to_string(),
-            key: blob.key,
-            size: blob.size,
-        };
-        let ticket = self.journal.write(&op, &[]).await?;
-        let out = self.inner.link_blob(repo, digest).await?;
-        self.committed(ticket).await;
-        Ok(out)
+        .await;
+        held.release().await;
+        out
     }
 
     async fn unlink_blob(&self, repo: &str, digest: &Digest) -> MetaResult<bool> {
-        let _g = self.journal.lock(&[("blob", digest.as_str(), "")]).await;
-        if self.inner.repo_blob(repo, digest).await?.is_none() {
-            return Ok(false);
+        let held = self.lock(&[("blob", digest.as_str(), "")]).await?;
+        let out = async {
+            if self.inner.repo_blob(repo, digest).await?.is_none() {
+                return Ok(false);
+            }
+            let op = Op::Unlink {
+                repo: repo.to_owned(),
+                digest: digest.to_string(),
+            };
+            let ticket = self.journal.write(&op, &[], held.time()).await?;
+            let out = self.inner.unlink_blob(repo, digest).await?;
+            self.committed(ticket).await;
+            Ok(out)
         }
-        let op = Op::Unlink {
-            repo: repo.to_owned(),
-            digest: digest.to_string(),
-        };
-        let ticket = self.journal.write(&op, &[]).await?;
-        let out = self.inner.unlink_blob(repo, digest).await?;
-        self.committed(ticket).await;
-        Ok(out)
+        .await;
+        held.release().await;
+        out
     }
 
     async fn put_manifest(
@@ -472,45 +550,50 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
         if let Some(t) = tag {
             items.push(("tag", repo, t));
         }
-        let _g = self.journal.lock(&items).await;
-        // A re-push that changes nothing needs no record.
-        let unchanged = match tag {
-            Some(t) => self
-                .inner
-                .tagged_manifest(repo, t)
-                .await?
-                .is_some_and(|(d, r)| &d == digest && r == record),
-            None => self
-                .inner
-                .manifest(repo, digest)
-                .await?
-                .is_some_and(|r| r == record),
-        };
-        if unchanged {
-            return self
+        let held = self.lock(&items).await?;
+        let out = async {
+            // A re-push that changes nothing needs no record.
+            let unchanged = match tag {
+                Some(t) => self
+                    .inner
+                    .tagged_manifest(repo, t)
+                    .await?
+                    .is_some_and(|(d, r)| &d == digest && r == record),
+                None => self
+                    .inner
+                    .manifest(repo, digest)
+                    .await?
+                    .is_some_and(|r| r == record),
+            };
+            if unchanged {
+                return self
+                    .inner
+                    .put_manifest(repo, digest, record, tag, referrer)
+                    .await;
+            }
+            let op = Op::PutManifest {
+                repo: repo.to_owned(),
+                digest: digest.to_string(),
+                media_type: record.media_type.clone(),
+                subject: record.subject.as_ref().map(Digest::to_string),
+                tag: tag.map(str::to_owned),
+                referrer: referrer
+                    .as_ref()
+                    .map(|r| String::from_utf8_lossy(&r.descriptor).into_owned()),
+            };
+            let ticket = self.journal.write(&op, &record.body, held.time()).await?;
+            // MissingReference (GC took a blob after the registry checked) changes nothing here;
+            // its record stays in the bucket and is skipped on replay the same way.
+            let out = self
                 .inner
                 .put_manifest(repo, digest, record, tag, referrer)
-                .await;
+                .await?;
+            self.committed(ticket).await;
+            Ok(out)
         }
-        let op = Op::PutManifest {
-            repo: repo.to_owned(),
-            digest: digest.to_string(),
-            media_type: record.media_type.clone(),
-            subject: record.subject.as_ref().map(Digest::to_string),
-            tag: tag.map(str::to_owned),
-            referrer: referrer
-                .as_ref()
-                .map(|r| String::from_utf8_lossy(&r.descriptor).into_owned()),
-        };
-        let ticket = self.journal.write(&op, &record.body).await?;
-        // MissingReference (GC took a blob after the registry checked) changes nothing here;
-        // its record stays in the bucket and is skipped on replay the same way.
-        let out = self
-            .inner
-            .put_manifest(repo, digest, record, tag, referrer)
-            .await?;
-        self.committed(ticket).await;
-        Ok(out)
+        .await;
+        held.release().await;
+        out
     }
 
     async fn manifest(&self, repo: &str, digest: &Digest) -> MetaResult<Option<ManifestRecord>> {
@@ -526,36 +609,43 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
     }
 
     async fn delete_manifest(&self, repo: &str, digest: &Digest) -> MetaResult<bool> {
-        let _g = self
-            .journal
-            .lock(&[("manifest", repo, digest.as_str())])
-            .await;
-        if self.inner.manifest(repo, digest).await?.is_none() {
-            return Ok(false);
+        let held = self.lock(&[("manifest", repo, digest.as_str())]).await?;
+        let out = async {
+            if self.inner.manifest(repo, digest).await?.is_none() {
+                return Ok(false);
+            }
+            let op = Op::DeleteManifest {
+                repo: repo.to_owned(),
+                digest: digest.to_string(),
+            };
+            let ticket = self.journal.write(&op, &[], held.time()).await?;
+            let out = self.inner.delete_manifest(repo, digest).await?;
+            self.committed(ticket).await;
+            Ok(out)
         }
-        let op = Op::DeleteManifest {
-            repo: repo.to_owned(),
-            digest: digest.to_string(),
-        };
-        let ticket = self.journal.write(&op, &[]).await?;
-        let out = self.inner.delete_manifest(repo, digest).await?;
-        self.committed(ticket).await;
-        Ok(out)
+        .await;
+        held.release().await;
+        out
     }
 
     async fn delete_tag(&self, repo: &str, tag: &str) -> MetaResult<bool> {
-        let _g = self.journal.lock(&[("tag", repo, tag)]).await;
-        if self.inner.tagged_manifest(repo, tag).await?.is_none() {
-            return Ok(false);
+        let held = self.lock(&[("tag", repo, tag)]).await?;
+        let out = async {
+            if self.inner.tagged_manifest(repo, tag).await?.is_none() {
+                return Ok(false);
+            }
+            let op = Op::DeleteTag {
+                repo: repo.to_owned(),
+                tag: tag.to_owned(),
+            };
+            let ticket = self.journal.write(&op, &[], held.time()).await?;
+            let out = self.inner.delete_tag(repo, tag).await?;
+            self.committed(ticket).await;
+            Ok(out)
         }
-        let op = Op::DeleteTag {
-            repo: repo.to_owned(),
-            tag: tag.to_owned(),
-        };
-        let ticket = self.journal.write(&op, &[]).await?;
-        let out = self.inner.delete_tag(repo, tag).await?;
-        self.committed(ticket).await;
-        Ok(out)
+        .await;
+        held.release().await;
+        out
     }
 
     async fn tags(&self, repo: &str, last: Option<&str>, limit: usize) -> MetaResult<Vec<String>> {
@@ -609,47 +699,52 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
         record: BlobRecord,
     ) -> MetaResult<Linked> {
         // By digest, across repositories: the first finish of a digest decides its key.
-        let _g = self.journal.lock(&[("blob", digest.as_str(), "")]).await;
-        let link = |key: String, size: u64| Op::Link {
-            repo: repo.to_owned(),
-            digest: digest.to_string(),
-            key,
-            size,
-        };
-        let existing = self.inner.blob(digest).await?;
-        let linked = self.inner.repo_blob(repo, digest).await?.is_some();
-        // The key the bucket states for this link once the record (if any) is written.
-        let (ticket, stated) = match existing {
-            // A new blob at its verified key: the object is the record.
-            None if self.is_verified_key(repo, digest, &record) => (None, record.key.clone()),
-            // A re-push: nothing changes that the bucket does not already say.
-            Some(e) if linked => (None, e.key),
-            other => {
-                let b = other.unwrap_or_else(|| record.clone());
-                let ticket = self
-                    .journal
-                    .write(&link(b.key.clone(), b.size), &[])
-                    .await?;
-                (Some(ticket), b.key)
-            }
-        };
-        let out = self.inner.finish_upload(id, repo, digest, record).await?;
-        if let Some(t) = ticket {
-            self.committed(t).await;
-        }
-        if let Linked::Existing(e) = &out {
-            if e.key != stated {
-                // Another node stored the digest first: the caller deletes this copy next, so
-                // the bucket must first say which key the link points to (on error the copy
-                // stays, and with it what the bucket said).
-                let t = self
-                    .journal
-                    .write(&link(e.key.clone(), e.size), &[])
-                    .await?;
+        let held = self.lock(&[("blob", digest.as_str(), "")]).await?;
+        let out = async {
+            let link = |key: String, size: u64| Op::Link {
+                repo: repo.to_owned(),
+                digest: digest.to_string(),
+                key,
+                size,
+            };
+            let existing = self.inner.blob(digest).await?;
+            let linked = self.inner.repo_blob(repo, digest).await?.is_some();
+            // The key the bucket states for this link once the record (if any) is written.
+            let (ticket, stated) = match existing {
+                // A new blob at its verified key: the object is the record.
+                None if self.is_verified_key(repo, digest, &record) => (None, record.key.clone()),
+                // A re-push: nothing changes that the bucket does not already say.
+                Some(e) if linked => (None, e.key),
+                other => {
+                    let b = other.unwrap_or_else(|| record.clone());
+                    let ticket = self
+                        .journal
+                        .write(&link(b.key.clone(), b.size), &[], held.time())
+                        .await?;
+                    (Some(ticket), b.key)
+                }
+            };
+            let out = self.inner.finish_upload(id, repo, digest, record).await?;
+            if let Some(t) = ticket {
                 self.committed(t).await;
             }
+            if let Linked::Existing(e) = &out {
+                if e.key != stated {
+                    // Another node stored the digest first: the caller deletes this copy next, so
+                    // the bucket must first say which key the link points to (on error the copy
+                    // stays, and with it what the bucket said).
+                    let t = self
+                        .journal
+                        .write(&link(e.key.clone(), e.size), &[], held.time())
+                        .await?;
+                    self.committed(t).await;
+                }
+            }
+            Ok(out)
         }
-        Ok(out)
+        .await;
+        held.release().await;
+        out
     }
 
     async fn adopt_blobs(
@@ -664,33 +759,38 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
             .iter()
             .map(|(d, _)| ("blob", d.as_str(), ""))
             .collect();
-        let _g = self.journal.lock(&stripes).await;
-        // A re-run of an import: nothing changes that the bucket does not already say.
-        let mut all_linked = true;
-        for (d, _) in blobs {
-            if self.inner.repo_blob(repo, d).await?.is_none() {
-                all_linked = false;
-                break;
+        let held = self.lock(&stripes).await?;
+        let out = async {
+            // A re-run of an import: nothing changes that the bucket does not already say.
+            let mut all_linked = true;
+            for (d, _) in blobs {
+                if self.inner.repo_blob(repo, d).await?.is_none() {
+                    all_linked = false;
+                    break;
+                }
             }
+            if all_linked {
+                return self.inner.adopt_blobs(repo, blobs).await;
+            }
+            let op = Op::Adopt {
+                repo: repo.to_owned(),
+                blobs: blobs
+                    .iter()
+                    .map(|(d, r)| AdoptedBlob {
+                        digest: d.to_string(),
+                        key: r.key.clone(),
+                        size: r.size,
+                    })
+                    .collect(),
+            };
+            let ticket = self.journal.write(&op, &[], held.time()).await?;
+            let out = self.inner.adopt_blobs(repo, blobs).await?;
+            self.committed(ticket).await;
+            Ok(out)
         }
-        if all_linked {
-            return self.inner.adopt_blobs(repo, blobs).await;
-        }
-        let op = Op::Adopt {
-            repo: repo.to_owned(),
-            blobs: blobs
-                .iter()
-                .map(|(d, r)| AdoptedBlob {
-                    digest: d.to_string(),
-                    key: r.key.clone(),
-                    size: r.size,
-                })
-                .collect(),
-        };
-        let ticket = self.journal.write(&op, &[]).await?;
-        let out = self.inner.adopt_blobs(repo, blobs).await?;
-        self.committed(ticket).await;
-        Ok(out)
+        .await;
+        held.release().await;
+        out
     }
 
     // ---- garbage collection ----
@@ -721,18 +821,23 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
     }
 
     async fn collect_blob(&self, digest: &Digest, cutoff: u64) -> MetaResult<BlobCollection> {
-        let _g = self.journal.lock(&[("blob", digest.as_str(), "")]).await;
-        let out = self.inner.collect_blob(digest, cutoff).await?;
-        if !out.unlinked.is_empty() || out.deleted.is_some() {
-            let op = Op::Collected {
-                digest: digest.to_string(),
-                unlinked: out.unlinked.clone(),
-                deleted: out.deleted.is_some(),
-            };
-            let ticket = self.journal.write(&op, &[]).await?;
-            self.committed(ticket).await;
+        let held = self.lock(&[("blob", digest.as_str(), "")]).await?;
+        let out = async {
+            let out = self.inner.collect_blob(digest, cutoff).await?;
+            if !out.unlinked.is_empty() || out.deleted.is_some() {
+                let op = Op::Collected {
+                    digest: digest.to_string(),
+                    unlinked: out.unlinked.clone(),
+                    deleted: out.deleted.is_some(),
+                };
+                let ticket = self.journal.write(&op, &[], held.time()).await?;
+                self.committed(ticket).await;
+            }
+            Ok(out)
         }
-        Ok(out)
+        .await;
+        held.release().await;
+        out
     }
 
     async fn collect_blobs(
@@ -741,26 +846,31 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
         cutoff: u64,
     ) -> MetaResult<Vec<BlobCollection>> {
         let items: Vec<_> = digests.iter().map(|d| ("blob", d.as_str(), "")).collect();
-        let _g = self.journal.lock(&items).await;
-        let out = self.inner.collect_blobs(digests, cutoff).await?;
-        let blobs: Vec<CollectedBlob> = digests
-            .iter()
-            .zip(&out)
-            .filter(|(_, c)| !c.unlinked.is_empty() || c.deleted.is_some())
-            .map(|(d, c)| CollectedBlob {
-                digest: d.to_string(),
-                unlinked: c.unlinked.clone(),
-                deleted: c.deleted.is_some(),
-            })
-            .collect();
-        if !blobs.is_empty() {
-            let ticket = self
-                .journal
-                .write(&Op::CollectedBlobs { blobs }, &[])
-                .await?;
-            self.committed(ticket).await;
+        let held = self.lock(&items).await?;
+        let out = async {
+            let out = self.inner.collect_blobs(digests, cutoff).await?;
+            let blobs: Vec<CollectedBlob> = digests
+                .iter()
+                .zip(&out)
+                .filter(|(_, c)| !c.unlinked.is_empty() || c.deleted.is_some())
+                .map(|(d, c)| CollectedBlob {
+                    digest: d.to_string(),
+                    unlinked: c.unlinked.clone(),
+                    deleted: c.deleted.is_some(),
+                })
+                .collect();
+            if !blobs.is_empty() {
+                let ticket = self
+                    .journal
+                    .write(&Op::CollectedBlobs { blobs }, &[], held.time())
+                    .await?;
+                self.committed(ticket).await;
+            }
+            Ok(out)
         }
-        Ok(out)
+        .await;
+        held.release().await;
+        out
     }
 
     async fn collect_manifest(
@@ -769,20 +879,22 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
         digest: &Digest,
         cutoff: u64,
     ) -> MetaResult<Option<ManifestRecord>> {
-        let _g = self
-            .journal
-            .lock(&[("manifest", repo, digest.as_str())])
-            .await;
-        let out = self.inner.collect_manifest(repo, digest, cutoff).await?;
-        if out.is_some() {
-            let op = Op::DeleteManifest {
-                repo: repo.to_owned(),
-                digest: digest.to_string(),
-            };
-            let ticket = self.journal.write(&op, &[]).await?;
-            self.committed(ticket).await;
+        let held = self.lock(&[("manifest", repo, digest.as_str())]).await?;
+        let out = async {
+            let out = self.inner.collect_manifest(repo, digest, cutoff).await?;
+            if out.is_some() {
+                let op = Op::DeleteManifest {
+                    repo: repo.to_owned(),
+                    digest: digest.to_string(),
+                };
+                let ticket = self.journal.write(&op, &[], held.time()).await?;
+                self.committed(ticket).await;
+            }
+            Ok(out)
         }
-        Ok(out)
+        .await;
+        held.release().await;
+        out
     }
 
     async fn blobs(
@@ -820,17 +932,22 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
     }
 
     async fn delete_tag_if(&self, repo: &str, tag: &str, digest: &Digest) -> MetaResult<bool> {
-        let _g = self.journal.lock(&[("tag", repo, tag)]).await;
-        let deleted = self.inner.delete_tag_if(repo, tag, digest).await?;
-        if deleted {
-            let op = Op::DeleteTag {
-                repo: repo.to_owned(),
-                tag: tag.to_owned(),
-            };
-            let ticket = self.journal.write(&op, &[]).await?;
-            self.committed(ticket).await;
+        let held = self.lock(&[("tag", repo, tag)]).await?;
+        let out = async {
+            let deleted = self.inner.delete_tag_if(repo, tag, digest).await?;
+            if deleted {
+                let op = Op::DeleteTag {
+                    repo: repo.to_owned(),
+                    tag: tag.to_owned(),
+                };
+                let ticket = self.journal.write(&op, &[], held.time()).await?;
+                self.committed(ticket).await;
+            }
+            Ok(deleted)
         }
-        Ok(deleted)
+        .await;
+        held.release().await;
+        out
     }
 
     async fn check_writable(&self) -> MetaResult<()> {
@@ -1047,6 +1164,26 @@ impl Replayer<'_> {
             // False when no record with an existing key ever came: nothing to link.
             self.meta.link_blob(&repo, &digest(&d)?).await?;
         }
+        if let Some(newest) = stats.newest.as_deref().and_then(parse_time) {
+            self.order_after(newest).await?;
+        }
+        Ok(())
+    }
+
+    /// On a store that orders records across nodes: every stripe's next record comes after
+    /// `newest` (a rebuilt database starts with no order, and this node's clock may be behind
+    /// the times of the records replayed). In chunks, each held only for its one update.
+    async fn order_after(&self, newest: SystemTime) -> MetaResult<()> {
+        let ms = newest
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let all: Vec<u32> = (0..ORDER_STRIPES).collect();
+        for chunk in all.chunks(64) {
+            match self.meta.journal_order(chunk, ms).await? {
+                Some(guard) => guard.release().await,
+                None => return Ok(()),
+            }
+        }
         Ok(())
     }
 
@@ -1234,6 +1371,19 @@ mod tests {
             op.describe(),
             format!("manifest/a/b:v1@sha256:{}", "a".repeat(64))
         );
+    }
+
+    #[test]
+    fn order_stripes_are_stable() {
+        // Every node, whatever its build, maps an item to the same stripe: these values are
+        // part of the format (the database orders records by them).
+        assert_ne!(
+            order_stripe(&("tag", "a/b", "v1")),
+            order_stripe(&("tag", "a/bv", "1"))
+        );
+        assert_eq!(order_stripe(&("tag", "a/b", "v1")), 538);
+        let blob = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(order_stripe(&("blob", &blob, "")), 929);
     }
 
     #[test]

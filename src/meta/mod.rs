@@ -293,6 +293,19 @@ pub trait MetaStore: Send + Sync + 'static {
     /// applied or wrote one (a fresh store).
     async fn journal_watermark(&self) -> MetaResult<Option<String>>;
     async fn set_journal_watermark(&self, watermark: &str) -> MetaResult<()>;
+    /// Orders the journal records of writes to the same items across every node sharing this
+    /// store: holds `stripes` (sorted, deduplicated) against the other nodes until the guard is
+    /// released (after the local commit), and names the time (unix ms) the records written
+    /// under it carry: at or after `at_ms`, and after every earlier record of these stripes,
+    /// whichever node wrote it and whatever its clock. None (the default): one process writes
+    /// the store (redb), and the journal's own locks order its records.
+    async fn journal_order(
+        &self,
+        _stripes: &[u32],
+        _at_ms: u64,
+    ) -> MetaResult<Option<Box<dyn journal::OrderGuard>>> {
+        Ok(None)
+    }
 
     // ---- garbage collection (see src/gc/mod.rs for what is garbage) ----
     /// Queued candidates of `kind` touched at or before `cutoff`, oldest first, at most

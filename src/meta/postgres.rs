@@ -30,6 +30,17 @@
 //! all nodes). A save under a claim locks the claim row (`FOR SHARE`) in its transaction, so a
 //! writer whose claim has passed to another never commits.
 //!
+//! # The bucket journal's order
+//!
+//! [`MetaStore::journal_order`] holds the journal stripes a write touches as session advisory
+//! locks (`pg_advisory_lock(ORDER_LOCK_CLASS, stripe)`, taken in stripe order: no deadlock) on a
+//! connection of a pool of its own (a write holding it still takes a connection from the main
+//! pool for its commit: sharing one pool, writers could take every connection and wait for
+//! each other forever). Under the locks, one autocommitted upsert gives the write its record
+//! time: after `journal_order.last_ms` of each stripe and not before the node's clock, stored
+//! back before the record is written. The locks go with `pg_advisory_unlock_all()` after the
+//! local commit, or with the connection when the node dies (or the guard is dropped).
+//!
 //! # Errors
 //!
 //! A lost connection, a pool that cannot connect in time, a statement timeout, a server
@@ -59,6 +70,7 @@ macro_rules! now_secs {
     };
 }
 
+use super::journal::OrderGuard;
 use super::{
     upload_claim, BlobCollection, BlobRecord, Candidate, CandidateKind, Linked, ManifestPut,
     ManifestRecord, MetaError, MetaResult, MetaStore, Part, PendingChange, QueuedCandidate,
@@ -71,6 +83,8 @@ use crate::registry::names::Digest;
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// Connections holding journal order locks ([`MetaStore::journal_order`]).
+    order_pool: Pool,
     /// Replaying the bucket journal at start: GC touches keep a candidate's queued time (a
     /// replayed record is old news; it must not put off a collection by another grace).
     replaying: Arc<AtomicBool>,
@@ -146,26 +160,30 @@ impl PgStore {
     /// A pool for `c`. No connection is made until the first call: connections belong to the
     /// runtime that opens them, so they are opened by the runtimes that serve.
     pub fn connect(c: &PostgresConfig) -> MetaResult<PgStore> {
-        let (config, tls) = driver_config(c)?;
-        let manager = Manager::from_config(
-            config,
-            tls,
-            ManagerConfig {
-                // A connection whose socket closed (database restarted) is replaced when it is
-                // next taken from the pool.
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(c.max_connections)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(c.connect_timeout))
-            .create_timeout(Some(c.connect_timeout))
-            .recycle_timeout(Some(c.connect_timeout))
-            .build()
-            .map_err(|e| MetaError::Failed(format!("postgres pool: {e}")))?;
+        let pool = |max_size: usize| {
+            let (config, tls) = driver_config(c)?;
+            let manager = Manager::from_config(
+                config,
+                tls,
+                ManagerConfig {
+                    // A connection whose socket closed (database restarted) is replaced when
+                    // it is next taken from the pool.
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(manager)
+                .max_size(max_size)
+                .runtime(Runtime::Tokio1)
+                .wait_timeout(Some(c.connect_timeout))
+                .create_timeout(Some(c.connect_timeout))
+                .recycle_timeout(Some(c.connect_timeout))
+                .build()
+                .map_err(|e| MetaError::Failed(format!("postgres pool: {e}")))
+        };
         Ok(PgStore {
-            pool,
+            pool: pool(c.max_connections)?,
+            // Lazy like the main pool: as many as writes hold order locks at once.
+            order_pool: pool(c.max_connections)?,
             replaying: Default::default(),
         })
     }
@@ -472,6 +490,45 @@ fn candidate_key(c: &Candidate) -> (i16, &str, &str) {
 }
 
 type Tx<'a> = deadpool_postgres::Transaction<'a>;
+
+/// The first key of the journal order's advisory locks ("jrnl"); the second is the stripe.
+/// (Two-key advisory locks never collide with the one-key migration lock.)
+const ORDER_LOCK_CLASS: i32 = 0x6a72_6e6c;
+
+/// Journal order locks held on a connection of the order pool.
+struct PgOrderGuard {
+    /// None once released.
+    conn: Option<deadpool_postgres::Object>,
+    time_ms: u64,
+}
+
+#[async_trait]
+impl OrderGuard for PgOrderGuard {
+    fn time_ms(&self) -> u64 {
+        self.time_ms
+    }
+
+    async fn release(mut self: Box<Self>) {
+        let Some(c) = self.conn.take() else {
+            return;
+        };
+        if let Err(e) = c.batch_execute("SELECT pg_advisory_unlock_all()").await {
+            // The connection goes, and its locks with it.
+            log::warn!("journal order: releasing the stripes: {e}");
+            drop(deadpool_postgres::Object::take(c));
+        }
+    }
+}
+
+impl Drop for PgOrderGuard {
+    /// Not released (an error before the guard was handed out, or the write's future was
+    /// dropped): the connection leaves the pool and closes, which lets its locks go.
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            drop(deadpool_postgres::Object::take(c));
+        }
+    }
+}
 
 async fn tx_query(
     tx: &Tx<'_>,
@@ -1299,6 +1356,55 @@ impl MetaStore for PgStore {
         )
         .await
         .map(|_| ())
+    }
+
+    async fn journal_order(
+        &self,
+        stripes: &[u32],
+        at_ms: u64,
+    ) -> MetaResult<Option<Box<dyn OrderGuard>>> {
+        const WHAT: &str = "journal order";
+        let at = to_i64(WHAT, at_ms)?;
+        let c = self
+            .order_pool
+            .get()
+            .await
+            .map_err(|e| pool_error(WHAT, e))?;
+        let mut guard = PgOrderGuard {
+            conn: Some(c),
+            time_ms: 0,
+        };
+        let stripes: Vec<i32> = stripes.iter().map(|&s| s as i32).collect();
+        let c = guard.conn.as_ref().expect("just taken");
+        // In stripe order (the subquery's), so that two nodes never wait for each other.
+        let lock = c
+            .prepare_cached(
+                "SELECT pg_advisory_lock($1, s)
+                   FROM (SELECT s FROM unnest($2::int[]) AS s ORDER BY s) AS sorted",
+            )
+            .await
+            .map_err(db(WHAT))?;
+        c.query(&lock, &[&ORDER_LOCK_CLASS, &stripes])
+            .await
+            .map_err(db(WHAT))?;
+        // Under the locks nobody else writes these rows: one statement moves them all to the
+        // new time, committed before the record is written.
+        let next = c
+            .prepare_cached(
+                "WITH t AS (
+                   SELECT GREATEST($2::bigint, COALESCE(max(last_ms) + 1, 0)) AS ms
+                     FROM journal_order WHERE stripe = ANY($1::int[]))
+                 INSERT INTO journal_order (stripe, last_ms)
+                   SELECT s, t.ms FROM unnest($1::int[]) AS s, t
+                 ON CONFLICT (stripe) DO UPDATE SET last_ms = EXCLUDED.last_ms
+                 RETURNING last_ms",
+            )
+            .await
+            .map_err(db(WHAT))?;
+        let rows = c.query(&next, &[&stripes, &at]).await.map_err(db(WHAT))?;
+        let ms = rows.first().map_or(at, |r| r.get::<_, i64>(0));
+        guard.time_ms = to_u64("journal_order", ms)?;
+        Ok(Some(Box::new(guard)))
     }
 
     // ---- garbage collection ----

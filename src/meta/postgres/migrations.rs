@@ -17,6 +17,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "gc_journal",
         include_str!("migrations/0002_gc_journal.sql"),
     ),
+    (
+        3,
+        "journal_order",
+        include_str!("migrations/0003_journal_order.sql"),
+    ),
 ];
 
 /// The schema version this binary writes.
