@@ -526,10 +526,12 @@ fn full_disk_fails_writes_cleanly_and_heals_without_restart() {
     });
 }
 
+/// A pushed image: its tag and manifest.
+type Pushed = (String, Vec<u8>);
+
 /// One image pushed as docker and podman do (chunked blob uploads, then the manifest) to
-/// `base`; its tag and manifest when berth acknowledged it, None when any step failed (berth
-/// was killed under it).
-fn try_push(c: &Client, base: &str, repo: &str, tag: &str, seed: u64) -> Option<(String, Vec<u8>)> {
+/// `base`; what berth acknowledged, None when any step failed (berth was killed under it).
+fn try_push(c: &Client, base: &str, repo: &str, tag: &str, seed: u64) -> Option<Pushed> {
     let push_blob = |bytes: &[u8]| -> Option<String> {
         let digest = common::sha256_digest(bytes);
         let r = c
@@ -595,7 +597,7 @@ fn repeated_kill_9_during_chunked_pushes_loses_nothing_and_strands_nothing() {
     let mut berth = Berth::start("upload:\n  part_size: 5MiB\n  session_expiry: 2s\n");
     let base = berth.url("");
     let stop = Arc::new(AtomicBool::new(false));
-    let acknowledged: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let acknowledged: Arc<Mutex<Vec<Pushed>>> = Arc::default();
     let pushers: Vec<_> = (0..4u64)
         .map(|t| {
             let (base, stop, acknowledged) = (base.clone(), stop.clone(), acknowledged.clone());
