@@ -164,18 +164,24 @@ struct WriteSwitch {
 #[async_trait::async_trait]
 impl S3Access for WriteSwitch {
     async fn check(&self, cx: &mut S3AccessContext<'_>) -> S3Result<()> {
-        let writes = *cx.method() != http::Method::GET && *cx.method() != http::Method::HEAD;
-        if writes && self.refuse.load(Ordering::SeqCst) {
-            return Err(s3s::s3_error!(
-                ServiceUnavailable,
-                "writes are switched off"
-            ));
-        }
-        if cx.credentials().is_none() {
-            return Err(s3s::s3_error!(AccessDenied, "Signature is required"));
-        }
-        Ok(())
+        check_access(cx, &self.refuse)
     }
+}
+
+/// The embedded endpoint's access rule, for other s3s services that keep it (the tests'):
+/// signed requests only, and writes answered 503 while `refuse_writes` is set.
+pub fn check_access(cx: &S3AccessContext<'_>, refuse_writes: &AtomicBool) -> S3Result<()> {
+    let writes = *cx.method() != http::Method::GET && *cx.method() != http::Method::HEAD;
+    if writes && refuse_writes.load(Ordering::SeqCst) {
+        return Err(s3s::s3_error!(
+            ServiceUnavailable,
+            "writes are switched off"
+        ));
+    }
+    if cx.credentials().is_none() {
+        return Err(s3s::s3_error!(AccessDenied, "Signature is required"));
+    }
+    Ok(())
 }
 
 /// The upload id a file of s3s-fs's multipart state belongs to: `.upload-<id>.json`,

@@ -490,17 +490,7 @@ mod for_distribution {
                 op: cx.s3_op().name().to_string(),
                 key,
             });
-            let writes = *cx.method() != http::Method::GET && *cx.method() != http::Method::HEAD;
-            if writes && self.writes_refused.load(Ordering::SeqCst) {
-                return Err(s3s::s3_error!(
-                    ServiceUnavailable,
-                    "writes are switched off"
-                ));
-            }
-            if cx.credentials().is_none() {
-                return Err(s3s::s3_error!(AccessDenied, "Signature is required"));
-            }
-            Ok(())
+            berth::storage::embedded::check_access(cx, &self.writes_refused)
         }
     }
 }
