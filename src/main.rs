@@ -32,8 +32,8 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
-    /// Build a fresh metadata store (data_dir/meta.redb, which must not exist or be empty) from
-    /// the bucket alone: the verified blobs and the journal.
+    /// Build a fresh metadata store (the configured one: data_dir/meta.redb, or a PostgreSQL
+    /// database; either must be empty) from the bucket alone: the verified blobs and the journal.
     Recover {
         #[arg(long, short)]
         config: Option<PathBuf>,
