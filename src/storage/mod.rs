@@ -1,10 +1,12 @@
-//! The object-store client: blob bytes live only in an S3-compatible bucket.
+//! The object store: blob bytes (and the bucket journal's records) live in an S3-compatible
+//! bucket, or, with no `storage.endpoint`, in the local store under `<data_dir>/objects`.
+//! [`ObjectStore`] is the one interface for both; each operation goes to its backend.
 //!
-//! Every request is signed with SigV4 as a presigned URL (`UNSIGNED-PAYLOAD`), so one signing
-//! path serves berth's own calls, proxied blob GETs ([`ObjectStore::get_stream`]) and 307
-//! redirects.
-//! Requests go through one pooled `reqwest::Client` (client.rs); presigning is in sigv4.rs; the
-//! embedded S3 endpoint (s3s-fs) in embedded.rs.
+//! S3: every request is signed with SigV4 as a presigned URL (`UNSIGNED-PAYLOAD`), so one
+//! signing path serves berth's own calls, proxied blob GETs ([`ObjectStore::get_stream`]) and
+//! 307 redirects. Requests go through one pooled `reqwest::Client` (client.rs); presigning is
+//! in sigv4.rs. The local store (local.rs) reads and writes files directly. embedded.rs is an
+//! S3 endpoint on s3s-fs, the tests' in-process S3 server.
 //!
 //! Requests per operation (without retries): every method below makes exactly one S3 request.
 //! Requests without a body or with [`ObjectBody::Bytes`] are retried (3 attempts in all,
@@ -12,6 +14,7 @@
 
 pub mod client;
 pub mod embedded;
+pub mod local;
 pub mod shared_read;
 pub mod sigv4;
 
@@ -91,29 +94,36 @@ pub struct ListPage {
 }
 
 /// An object being read: see [`ObjectStore::get_stream`].
-pub struct ObjectStream {
-    response: reqwest::Response,
+pub enum ObjectStream {
+    Remote(reqwest::Response),
+    Local(local::FileStream),
 }
 
 impl ObjectStream {
     pub fn status(&self) -> u16 {
-        self.response.status().as_u16()
+        match self {
+            ObjectStream::Remote(r) => r.status().as_u16(),
+            ObjectStream::Local(f) => f.status_code(),
+        }
     }
 
     pub fn headers(&self) -> &http::HeaderMap {
-        self.response.headers()
+        match self {
+            ObjectStream::Remote(r) => r.headers(),
+            ObjectStream::Local(f) => f.headers(),
+        }
     }
 
     /// The next chunk of the body; None at its end.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, StorageError> {
-        self.response
-            .chunk()
-            .await
-            .map_err(|e| StorageError::Failed {
+        match self {
+            ObjectStream::Remote(r) => r.chunk().await.map_err(|e| StorageError::Failed {
                 status: 0,
                 code: "ReadError".into(),
                 message: client::error_chain(&e),
-            })
+            }),
+            ObjectStream::Local(f) => f.chunk().await,
+        }
     }
 }
 
@@ -140,13 +150,15 @@ pub struct MultipartPage {
 }
 
 pub struct ObjectStore {
-    sender: Sender,
+    backend: Backend,
     prefix: String,
-    /// The embedded store's root, when berth runs it: parts of uploads that s3s-fs forgot
-    /// (a crash inside CompleteMultipartUpload) are reclaimed from there.
-    embedded_root: Option<std::path::PathBuf>,
     /// Whole-object GETs in flight, which concurrent blob GETs of the same object share.
     shared_reads: shared_read::SharedReads,
+}
+
+enum Backend {
+    S3(Sender),
+    Local(local::LocalStore),
 }
 
 /// The parts of `storage.endpoint` the store needs.
@@ -273,38 +285,48 @@ impl ObjectStore {
             }
         })?;
         Ok(ObjectStore {
-            sender: Sender {
+            backend: Backend::S3(Sender {
                 http,
                 signer,
                 endpoint: url.to_string(),
                 bucket: cfg.bucket.clone(),
                 retry,
-            },
+            }),
             prefix: cfg.prefix.clone(),
-            embedded_root: None,
             shared_reads: shared_read::SharedReads::new(cfg.coalesce_window),
         })
     }
 
-    /// This store is berth's embedded one, rooted at `root` (see [`embedded`]).
-    pub fn with_embedded_root(mut self, root: std::path::PathBuf) -> Self {
-        self.embedded_root = Some(root);
-        self
+    /// The local store rooted at `root` (see [`local`]), with `cfg`'s bucket and prefix.
+    /// Concurrent GETs of a blob share the page cache, not a read: no coalescing.
+    pub fn local(root: &std::path::Path, cfg: &StorageConfig) -> Result<ObjectStore, StorageError> {
+        let store = local::LocalStore::open(root, &cfg.bucket)
+            .map_err(|e| config_error(format!("local object store at {}: {e}", root.display())))?;
+        Ok(ObjectStore {
+            backend: Backend::Local(store),
+            prefix: cfg.prefix.clone(),
+            shared_reads: shared_read::SharedReads::new(0),
+        })
+    }
+
+    /// Whether this is the local store (no presigned URLs, files read directly).
+    pub fn is_local(&self) -> bool {
+        matches!(self.backend, Backend::Local(_))
     }
 
     /// Startup check: can we reach the endpoint, does the bucket exist, are the credentials
     /// accepted? The error says which. One HeadBucket request (plus retries).
     pub async fn check(&self) -> Result<(), StorageError> {
         timed(StoreOp::HeadBucket, async {
-            match self
-                .sender
-                .send(Method::HEAD, None, &[], SendBody::Empty)
-                .await
-            {
+            let sender = match &self.backend {
+                Backend::S3(sender) => sender,
+                Backend::Local(local) => return local.check().await,
+            };
+            match sender.send(Method::HEAD, None, &[], SendBody::Empty).await {
                 Ok(_) => Ok(()),
                 // HEAD has no body: a bare 404 is the bucket.
                 Err(StorageError::Failed { status: 404, .. }) => Err(StorageError::NoSuchBucket {
-                    bucket: self.sender.bucket.clone(),
+                    bucket: sender.bucket.clone(),
                 }),
                 Err(e) => Err(e),
             }
@@ -356,9 +378,13 @@ impl ObjectStore {
         k
     }
 
-    /// Presigned URL for `method` on `key` (no request is made).
-    pub fn presign(&self, method: &http::Method, key: &str, ttl: Duration) -> Presigned {
-        self.sender.signer.presign(method, Some(key), &[], ttl)
+    /// Presigned URL for `method` on `key` (no request is made); None from the local store,
+    /// which has no URLs (the config refuses `blob_serving: redirect` with it).
+    pub fn presign(&self, method: &http::Method, key: &str, ttl: Duration) -> Option<Presigned> {
+        match &self.backend {
+            Backend::S3(sender) => Some(sender.signer.presign(method, Some(key), &[], ttl)),
+            Backend::Local(_) => None,
+        }
     }
 
     /// As [`ObjectStore::presign`] with extra query parameters that are signed too (e.g.
@@ -369,8 +395,11 @@ impl ObjectStore {
         key: &str,
         query: &[(&str, &str)],
         ttl: Duration,
-    ) -> Presigned {
-        self.sender.signer.presign(method, Some(key), query, ttl)
+    ) -> Option<Presigned> {
+        match &self.backend {
+            Backend::S3(sender) => Some(sender.signer.presign(method, Some(key), query, ttl)),
+            Backend::Local(_) => None,
+        }
     }
 
     /// Opens `key` (or the `range` of it) for streaming to a client. The object store's
@@ -382,11 +411,17 @@ impl ObjectStore {
         range: Option<&http::HeaderValue>,
     ) -> Result<ObjectStream, StorageError> {
         let start = std::time::Instant::now();
-        let result = self.sender.get_unread(key, range).await;
+        let result = match &self.backend {
+            Backend::S3(sender) => sender
+                .get_unread(key, range)
+                .await
+                .map(ObjectStream::Remote),
+            Backend::Local(local) => local.read(key, range).await.map(ObjectStream::Local),
+        };
         // Timed to the response header, like the other operations; an error status counts.
-        let ok = matches!(&result, Ok(r) if r.status().as_u16() < 400);
+        let ok = matches!(&result, Ok(r) if r.status() < 400);
         STORE.observe(StoreOp::GetObject, ok, start.elapsed());
-        Ok(ObjectStream { response: result? })
+        result
     }
 
     /// The reads concurrent blob GETs share (see [`shared_read`]).
@@ -395,16 +430,22 @@ impl ObjectStore {
     }
 
     pub fn bucket(&self) -> &str {
-        &self.sender.bucket
+        match &self.backend {
+            Backend::S3(sender) => &sender.bucket,
+            Backend::Local(local) => local.bucket(),
+        }
     }
 
     /// PutObject, with Content-Length. One request.
     pub async fn put_object(&self, key: &str, body: ObjectBody) -> Result<(), StorageError> {
         timed(StoreOp::PutObject, async {
-            self.sender
-                .send(Method::PUT, Some(key), &[], body.into())
-                .await
-                .map(|_| ())
+            match &self.backend {
+                Backend::S3(sender) => sender
+                    .send(Method::PUT, Some(key), &[], body.into())
+                    .await
+                    .map(|_| ()),
+                Backend::Local(local) => local.put_object(key, body).await,
+            }
         })
         .await
     }
@@ -413,10 +454,13 @@ impl ObjectStore {
     /// bytes). A missing key is `Failed { status: 404 }`. One request (plus retries).
     pub async fn get_object(&self, key: &str) -> Result<Bytes, StorageError> {
         timed(StoreOp::GetObject, async {
-            self.sender
-                .send(Method::GET, Some(key), &[], SendBody::Empty)
-                .await
-                .map(|r| r.body)
+            match &self.backend {
+                Backend::S3(sender) => sender
+                    .send(Method::GET, Some(key), &[], SendBody::Empty)
+                    .await
+                    .map(|r| r.body),
+                Backend::Local(local) => local.get_object(key).await,
+            }
         })
         .await
     }
@@ -440,6 +484,15 @@ impl ObjectStore {
         continuation: Option<&str>,
     ) -> Result<ListPage, StorageError> {
         timed(StoreOp::ListObjectsV2, async {
+            let sender = match &self.backend {
+                Backend::S3(sender) => sender,
+                // The local store's continuation token is the last key it gave.
+                Backend::Local(local) => {
+                    return local
+                        .list_objects(prefix, continuation.or(start_after))
+                        .await
+                }
+            };
             let mut query: Vec<(&str, &str)> = vec![("list-type", "2")];
             if !prefix.is_empty() {
                 query.push(("prefix", prefix));
@@ -449,8 +502,7 @@ impl ObjectStore {
             } else if let Some(after) = start_after {
                 query.push(("start-after", after));
             }
-            let r = self
-                .sender
+            let r = sender
                 .send(Method::GET, None, &query, SendBody::Empty)
                 .await?;
             client::parse_list(&r.body).ok_or_else(|| StorageError::Failed {
@@ -468,8 +520,11 @@ impl ObjectStore {
     /// CreateMultipartUpload; returns the UploadId. One request.
     pub async fn create_multipart(&self, key: &str) -> Result<String, StorageError> {
         timed(StoreOp::CreateMultipart, async {
-            let r = self
-                .sender
+            let sender = match &self.backend {
+                Backend::S3(sender) => sender,
+                Backend::Local(local) => return local.create_multipart(key).await,
+            };
+            let r = sender
                 .send(Method::POST, Some(key), &[("uploads", "")], SendBody::Empty)
                 .await?;
             client::parse_upload_id(&r.body).ok_or_else(|| StorageError::Failed {
@@ -494,9 +549,14 @@ impl ObjectStore {
         body: ObjectBody,
     ) -> Result<String, StorageError> {
         timed(StoreOp::UploadPart, async {
+            let sender = match &self.backend {
+                Backend::S3(sender) => sender,
+                Backend::Local(local) => {
+                    return local.upload_part(upload_id, part_number, body).await
+                }
+            };
             let n = part_number.to_string();
-            let sent = self
-                .sender
+            let sent = sender
                 .send(
                     Method::PUT,
                     Some(key),
@@ -527,9 +587,14 @@ impl ObjectStore {
         parts: &[(u32, String)],
     ) -> Result<(), StorageError> {
         timed(StoreOp::CompleteMultipart, async {
+            let sender = match &self.backend {
+                Backend::S3(sender) => sender,
+                Backend::Local(local) => {
+                    return local.complete_multipart(key, upload_id, parts).await
+                }
+            };
             let body = Bytes::from(client::complete_body(parts));
-            let sent = self
-                .sender
+            let sent = sender
                 .send(
                     Method::POST,
                     Some(key),
@@ -542,13 +607,15 @@ impl ObjectStore {
         .await
     }
 
-    /// AbortMultipartUpload. An upload that is already gone counts as success; in the embedded
-    /// store its stranded part files are removed. One request (two when AccessDenied needs
-    /// telling apart).
+    /// AbortMultipartUpload. An upload that is already gone counts as success. One request
+    /// (two when AccessDenied needs telling apart).
     pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StorageError> {
         timed(StoreOp::AbortMultipart, async {
-            let sent = self
-                .sender
+            let sender = match &self.backend {
+                Backend::S3(sender) => sender,
+                Backend::Local(local) => return local.abort_multipart(upload_id).await,
+            };
+            let sent = sender
                 .send(
                     Method::DELETE,
                     Some(key),
@@ -557,21 +624,7 @@ impl ObjectStore {
                 )
                 .await;
             match self.upload_outcome(upload_id, sent).await {
-                Ok(_) => Ok(()),
-                Err(StorageError::UploadGone { .. }) => {
-                    if let Some(root) = &self.embedded_root {
-                        match embedded::remove_upload_files(root, upload_id) {
-                            Ok(0) => {}
-                            Ok(n) => log::info!(
-                                "multipart upload {upload_id}: removed {n} stranded files"
-                            ),
-                            Err(e) => log::warn!(
-                                "multipart upload {upload_id}: stranded files not removed: {e}"
-                            ),
-                        }
-                    }
-                    Ok(())
-                }
+                Ok(_) | Err(StorageError::UploadGone { .. }) => Ok(()),
                 Err(e) => Err(e),
             }
         })
@@ -587,13 +640,16 @@ impl ObjectStore {
         next: Option<&(String, String)>,
     ) -> Result<MultipartPage, StorageError> {
         timed(StoreOp::ListMultipartUploads, async {
+            let sender = match &self.backend {
+                Backend::S3(sender) => sender,
+                Backend::Local(local) => return local.list_multipart_uploads(prefix, next).await,
+            };
             let mut query = vec![("prefix", prefix), ("uploads", "")];
             if let Some((key, upload)) = next {
                 query.push(("key-marker", key));
                 query.push(("upload-id-marker", upload));
             }
-            let r = self
-                .sender
+            let r = sender
                 .send(Method::GET, None, &query, SendBody::Empty)
                 .await?;
             client::parse_list_uploads(&r.body)
@@ -628,8 +684,11 @@ impl ObjectStore {
     /// DeleteObject. A missing object counts as success. One request.
     pub async fn delete_object(&self, key: &str) -> Result<(), StorageError> {
         timed(StoreOp::DeleteObject, async {
-            match self
-                .sender
+            let sender = match &self.backend {
+                Backend::S3(sender) => sender,
+                Backend::Local(local) => return local.delete_object(key).await,
+            };
+            match sender
                 .send(Method::DELETE, Some(key), &[], SendBody::Empty)
                 .await
             {
