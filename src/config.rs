@@ -652,6 +652,13 @@ impl Config {
         }
         let blob_serving = match r.string("storage.blob_serving", s.blob_serving)?.as_deref() {
             None | Some("proxy") => BlobServing::Proxy,
+            Some("redirect") if embedded => {
+                return Err(ConfigError::new(
+                    "storage.blob_serving",
+                    "redirect needs an S3 endpoint (storage.endpoint): the local object store \
+                     under data_dir has no URLs to redirect to, and serves blobs itself (proxy)",
+                ))
+            }
             Some("redirect") => BlobServing::Redirect,
             Some(other) => {
                 return Err(ConfigError::new(

@@ -55,7 +55,7 @@ pub fn run(config: Config) -> Result<(), RecoverError> {
     crate::server::prepare_data_dir(&config)?;
     let what = describe(&config);
     let backend = Backend::open(&config)?;
-    let (config, rt, store, _) = reach_storage(config, backend.meta())?;
+    let (rt, store) = reach_storage(&config, backend.meta())?;
     let meta = backend.meta();
     let started = Instant::now();
     rt.block_on(async {

@@ -24,11 +24,7 @@ use crate::meta::redb::RedbStore;
 use crate::meta::MetaStore;
 use crate::mirror::Mirrors;
 use crate::registry::{Registry, RegistrySettings};
-use crate::storage::embedded::{self, EmbeddedOptions, EmbeddedS3};
-use crate::storage::ObjectStore;
-
-/// Access key id of the embedded object store (its secret is random per start).
-pub const EMBEDDED_ACCESS_KEY: &str = "berth-embedded";
+use crate::storage::{local, ObjectStore};
 
 /// Everything that can stop berth from starting, said plainly.
 #[derive(Debug, thiserror::Error)]
@@ -37,28 +33,24 @@ pub enum StartError {
     DataDir { path: String, cause: std::io::Error },
     #[error("{0}")]
     Meta(#[from] crate::meta::MetaError),
-    #[error("embedded object store: {0}")]
-    Embedded(std::io::Error),
+    #[error("cannot start a runtime: {0}")]
+    Runtime(std::io::Error),
     #[error("object store: {0}")]
     Storage(#[from] crate::storage::StorageError),
     #[error("{0}")]
     Mirror(String),
 }
 
-/// Opens the metadata store, resolves the storage settings (starting the embedded S3
-/// endpoint when none is configured) and checks that the bucket is reachable; then brings the
-/// metadata store up to date with the bucket journal.
+/// Opens the metadata store, opens the object store (the local one when no endpoint is
+/// configured) and checks that the bucket is reachable; then brings the metadata store up to
+/// date with the bucket journal.
 pub fn prepare(config: Config) -> Result<(Config, Arc<Registry>), StartError> {
     prepare_data_dir(&config)?;
     // First the metadata store: redb's lock stops a second berth on the same data directory
-    // here, before it touches the embedded store's files.
+    // here, before it touches the local store's files.
     let backend = Backend::open(&config)?;
-    let (config, rt, probe, embedded_root) = reach_storage(config, backend.meta())?;
-    let mut store = ObjectStore::new(&config.storage)?;
-    if let Some(root) = embedded_root {
-        store = store.with_embedded_root(root);
-    }
-    let store = Arc::new(store);
+    let (rt, probe) = reach_storage(&config, backend.meta())?;
+    let store = Arc::new(open_object_store(&config)?);
     if config.journal.enabled {
         rt.block_on(bring_up_to_date(&backend, &probe, &config))?;
     } else {
@@ -131,7 +123,7 @@ fn connect_postgres(pg: &crate::config::PostgresConfig) -> Result<PgStore, Start
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(StartError::Embedded)?;
+        .map_err(StartError::Runtime)?;
     let migrated = rt.block_on(crate::meta::postgres::migrate(pg))?;
     log::info!(
         "metadata: PostgreSQL, schema version {}{}",
@@ -159,31 +151,28 @@ pub fn prepare_data_dir(config: &Config) -> Result<(), StartError> {
     check_writable(&config.data_dir).map_err(dir_err)
 }
 
-/// Starts the embedded S3 endpoint when the config names none (first sweeping the files a
-/// crash stranded there: uploads no session of `meta` names), and checks the bucket. The
-/// check runs on a throwaway runtime with its own client (`probe`), so that no pooled
-/// connection outlives the runtime it was made on: start-up work in the bucket (catch-up,
-/// rebuild) runs on the same pair, which the caller drops before serving. Returns the
-/// embedded store's root too, when there is one.
-#[allow(clippy::type_complexity)]
+/// The object store the config names: S3 at `storage.endpoint`, else the local store under
+/// `<data_dir>/objects`.
+pub fn open_object_store(config: &Config) -> Result<ObjectStore, StartError> {
+    Ok(match config.storage.endpoint {
+        Some(_) => ObjectStore::new(&config.storage)?,
+        None => ObjectStore::local(&config.data_dir.join("objects"), &config.storage)?,
+    })
+}
+
+/// Opens the object store and checks the bucket; for the local store, first sweeps what a
+/// crash stranded there (uploads no session of `meta` names). The check runs on a throwaway
+/// runtime with its own client (`probe`), so that no pooled connection outlives the runtime it
+/// was made on: start-up work in the bucket (catch-up, rebuild) runs on the same pair, which
+/// the caller drops before serving.
 pub fn reach_storage(
-    mut config: Config,
+    config: &Config,
     meta: &dyn MetaStore,
-) -> Result<
-    (
-        Config,
-        tokio::runtime::Runtime,
-        ObjectStore,
-        Option<std::path::PathBuf>,
-    ),
-    StartError,
-> {
+) -> Result<(tokio::runtime::Runtime, ObjectStore), StartError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(StartError::Embedded)?;
-
-    let mut embedded_root = None;
+        .map_err(StartError::Runtime)?;
     if config.storage.endpoint.is_none() {
         let root = config.data_dir.join("objects");
         let live: HashSet<String> = rt
@@ -191,35 +180,16 @@ pub fn reach_storage(
             .into_iter()
             .filter_map(|s| s.multipart_id)
             .collect();
-        match embedded::sweep(&root, &live) {
+        match local::sweep(&root, &live) {
             Ok(0) => {}
-            Ok(n) => log::info!("embedded object store: removed {n} files stranded by a crash"),
-            Err(e) => log::warn!("embedded object store: sweeping stranded files: {e}"),
+            Ok(n) => log::info!("local object store: removed {n} files stranded by a crash"),
+            Err(e) => log::warn!("local object store: sweeping stranded files: {e}"),
         }
-        // A new secret every start. The access key id stays the same: s3s-fs binds an
-        // in-progress multipart upload to the key id that created it, and an upload must
-        // survive a restart of berth. The key id is not a secret.
-        let (_, secret_key) = EmbeddedS3::random_keys();
-        let s3 = EmbeddedS3::start(EmbeddedOptions {
-            root: root.clone(),
-            bucket: config.storage.bucket.clone(),
-            listen: "127.0.0.1:0".parse().expect("loopback address"),
-            access_key: EMBEDDED_ACCESS_KEY.to_string(),
-            secret_key,
-            request_counter: None,
-            refuse_writes: None,
-        })
-        .map_err(StartError::Embedded)?;
-        log::info!("embedded object store on {}", s3.endpoint);
-        config.storage.endpoint = Some(s3.endpoint);
-        config.storage.access_key = s3.access_key;
-        config.storage.secret_key = s3.secret_key;
-        embedded_root = Some(root);
+        log::info!("object store: local, under {}", root.display());
     }
-
-    let probe = ObjectStore::new(&config.storage)?;
+    let probe = open_object_store(config)?;
     rt.block_on(probe.check())?;
-    Ok((config, rt, probe, embedded_root))
+    Ok((rt, probe))
 }
 
 /// The journal at start: a store that never saw the journal is rebuilt from the bucket when

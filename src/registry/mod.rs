@@ -107,9 +107,13 @@ impl Registry {
         Ok(match self.settings.blob_serving {
             BlobServing::Proxy => BlobGet::Proxy { record },
             BlobServing::Redirect => {
+                // The config refuses redirect mode with the local store, which has no URLs.
                 let url = self
                     .store
                     .presign(&http::Method::GET, &record.key, self.settings.presign_ttl)
+                    .ok_or_else(|| {
+                        RegistryError::Internal("the local object store has no URLs".into())
+                    })?
                     .url;
                 BlobGet::Redirect { record, url }
             }

@@ -1,22 +1,14 @@
-//! The embedded S3 endpoint (s3s + s3s-fs) started inside the berth process when the config
-//! names no `storage.endpoint`. berth then talks to it exactly as to any other S3.
+//! An S3 endpoint (s3s + s3s-fs) inside the process: the real S3 server of berth's tests
+//! (`tests/common`, the storage unit tests), on a loopback port. berth itself no longer runs
+//! it: its embedded default is the local store ([`super::local`]), which has no HTTP hop.
 //!
 //! s3s-fs keeps all state on disk under `root` (objects in `root/<bucket>/<key>`, and multipart
 //! uploads as `root/.upload-<id>.json` holding the access key that created the upload, parts as
 //! `root/.upload_id-<id>.part-<n>`): an upload in progress survives a restart of the server, but
 //! only if the same access key continues it (s3s-fs answers AccessDenied to any other key).
-//!
-//! What a crash can strand there, and who reclaims it: s3s-fs writes every object and part
-//! to `root/.tmp.<n>.internal.part` first and renames it into place, and on
-//! CompleteMultipartUpload drops the upload's record before it assembles the parts (a kill in
-//! between leaves the part files with no upload, and aborting it then fails with
-//! AccessDenied). [`sweep`] runs at start, before the store serves: it removes temp files and
-//! the files of every upload no session names. [`remove_upload_files`] removes one forgotten
-//! upload's files when its session is discarded.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -182,118 +174,4 @@ pub fn check_access(cx: &S3AccessContext<'_>, refuse_writes: &AtomicBool) -> S3R
         return Err(s3s::s3_error!(AccessDenied, "Signature is required"));
     }
     Ok(())
-}
-
-/// The upload id a file of s3s-fs's multipart state belongs to: `.upload-<id>.json`,
-/// `.upload_id-<id>.part-<n>`, `.bucket-..object-..upload-<id>.metadata.json`.
-fn upload_of(file_name: &str) -> Option<&str> {
-    let rest = match file_name.split_once(".upload_id-") {
-        Some((_, rest)) => rest,
-        None => file_name.split_once(".upload-")?.1,
-    };
-    let id = &rest[..rest.find('.')?];
-    is_upload_id(id).then_some(id)
-}
-
-/// s3s-fs upload ids are UUIDs; anything else never names a file here.
-fn is_upload_id(id: &str) -> bool {
-    id.len() == 36 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
-}
-
-/// Removes the files `root` holds for multipart upload `upload_id` (its record, parts and
-/// attributes). Returns how many.
-pub fn remove_upload_files(root: &Path, upload_id: &str) -> std::io::Result<usize> {
-    if !is_upload_id(upload_id) {
-        return Ok(0);
-    }
-    remove_files(root, |name| upload_of(name) == Some(upload_id))
-}
-
-/// At start, before the store serves: removes temp files of interrupted writes and the files
-/// of multipart uploads that no upload session names (`live`). Returns how many.
-pub fn sweep(root: &Path, live: &HashSet<String>) -> std::io::Result<usize> {
-    if !root.exists() {
-        return Ok(0);
-    }
-    remove_files(root, |name| {
-        let temp = name.starts_with(".tmp.") && name.ends_with(".internal.part");
-        temp || upload_of(name).is_some_and(|id| !live.contains(id))
-    })
-}
-
-fn remove_files(root: &Path, doomed: impl Fn(&str) -> bool) -> std::io::Result<usize> {
-    let mut n = 0;
-    for entry in std::fs::read_dir(root)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if doomed(name) && entry.file_type()?.is_file() {
-            match std::fs::remove_file(entry.path()) {
-                Ok(()) => n += 1,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-    Ok(n)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const ID: &str = "0b5f0a4e-6a43-4a8e-9c1e-2f4d1c0a9b7e";
-    const OTHER: &str = "1c6e1b5f-7b54-4b9f-8d2f-3e5e2d1b0c8f";
-
-    #[test]
-    fn files_of_an_upload() {
-        assert_eq!(upload_of(&format!(".upload-{ID}.json")), Some(ID));
-        assert_eq!(upload_of(&format!(".upload_id-{ID}.part-12")), Some(ID));
-        assert_eq!(
-            upload_of(&format!(
-                ".bucket-cmVn.object-YmxvYnM.upload-{ID}.metadata.json"
-            )),
-            Some(ID)
-        );
-        assert_eq!(upload_of(".bucket-cmVn.object-YmxvYnM.internal.json"), None);
-        assert_eq!(upload_of(".upload-../../etc.json"), None);
-    }
-
-    #[test]
-    fn sweep_keeps_live_uploads_and_objects() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        std::fs::create_dir(root.join("bucket")).unwrap();
-        let names = [
-            format!(".upload-{ID}.json"),
-            format!(".upload_id-{ID}.part-1"),
-            format!(".upload-{OTHER}.json"),
-            format!(".upload_id-{OTHER}.part-1"),
-            format!(".upload_id-{OTHER}.part-2"),
-            ".tmp.3.internal.part".to_string(),
-            ".bucket-cmVn.object-YmxvYnM.internal.json".to_string(),
-        ];
-        for n in &names {
-            std::fs::write(root.join(n), b"x").unwrap();
-        }
-        std::fs::write(root.join("bucket").join("blob"), b"object").unwrap();
-        let live = HashSet::from([ID.to_string()]);
-        assert_eq!(sweep(root, &live).unwrap(), 4);
-        let mut left: Vec<String> = std::fs::read_dir(root)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
-        let mut want = vec![
-            format!(".upload-{ID}.json"),
-            format!(".upload_id-{ID}.part-1"),
-            ".bucket-cmVn.object-YmxvYnM.internal.json".to_string(),
-            "bucket".to_string(),
-        ];
-        want.sort();
-        assert_eq!(left, want);
-        assert_eq!(remove_upload_files(root, ID).unwrap(), 2);
-        assert_eq!(remove_upload_files(root, "../x").unwrap(), 0);
-        assert!(root.join("bucket").join("blob").exists());
-    }
 }
