@@ -1175,9 +1175,29 @@ fn delete_blob() {
 // redirect mode
 // ---------------------------------------------------------------------------------------------
 
+/// Redirect mode needs an S3 endpoint: the local store has no URLs.
+#[test]
+fn redirect_mode_with_the_local_store_is_refused_at_start() {
+    let (status, log) = Berth::start_expecting_exit(
+        "storage:\n  blob_serving: redirect\n",
+        None,
+        Duration::from_secs(10),
+    )
+    .expect("berth must refuse to start");
+    assert!(!status.success());
+    assert!(
+        log.contains("storage.blob_serving") && log.contains("needs an S3 endpoint"),
+        "{log}"
+    );
+}
+
 #[test]
 fn redirect_mode_serves_presigned_urls() {
-    let reg = Reg::with("storage:\n  blob_serving: redirect\n  presign_ttl: 2s\n");
+    let s3 = S3Server::start();
+    let reg = Reg::with(&format!(
+        "{}  blob_serving: redirect\n  presign_ttl: 2s\n",
+        s3.storage_yaml()
+    ));
     let data = pseudo_bytes(111, 50_000);
     let digest = reg.push_blob("redir/repo", &data);
     let path = format!("/v2/redir/repo/blobs/{digest}");

@@ -61,14 +61,28 @@ fn session_id(url: &str) -> String {
         .to_string()
 }
 
-/// Names of the files under the embedded store's root that hold multipart state.
+/// The files of the local store's multipart uploads (`objects/.uploads/<id>/...`), and of
+/// interrupted writes (`objects/.tmp/`).
 fn multipart_files(berth: &Berth) -> Vec<String> {
-    std::fs::read_dir(berth.data_path().join("objects"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".upload"))
-        .collect()
+    let objects = berth.data_path().join("objects");
+    let mut out = Vec::new();
+    for dir in [".uploads", ".tmp"] {
+        let Ok(entries) = std::fs::read_dir(objects.join(dir)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = format!("{dir}/{}", e.file_name().to_string_lossy());
+            match std::fs::read_dir(e.path()) {
+                Ok(files) => out.extend(
+                    files
+                        .flatten()
+                        .map(|f| format!("{name}/{}", f.file_name().to_string_lossy())),
+                ),
+                Err(_) => out.push(name),
+            }
+        }
+    }
+    out
 }
 
 /// The session's multipart upload id, read from the metadata store (berth must be stopped).
@@ -81,13 +95,14 @@ fn multipart_id(berth: &Berth, id: &str) -> String {
     session.multipart_id.expect("a multipart upload")
 }
 
-/// What a kill inside s3s-fs's CompleteMultipartUpload leaves: the upload's record is gone,
-/// its part files are not.
+/// An upload the object store no longer knows, its part files still on disk: the local
+/// store's record of the upload (its `key` file) removed.
 fn forget_upload_record(berth: &Berth, multipart_id: &str) {
     let record = berth
         .data_path()
-        .join("objects")
-        .join(format!(".upload-{multipart_id}.json"));
+        .join("objects/.uploads")
+        .join(multipart_id)
+        .join("key");
     std::fs::remove_file(&record).unwrap();
 }
 
@@ -127,7 +142,13 @@ fn expiry_goes_on_past_a_failing_session_and_reclaims_forgotten_uploads() {
     berth.kill();
 
     forget_upload_record(&berth, &multipart_id(&berth, &session_id(&forgotten)));
-    // A session whose abort the object store refuses (not an upload id it could know).
+    // A session whose abort the object store fails: its upload's directory is a file.
+    let refused = "0b5f0a4e-6a43-4a8e-9c1e-2f4d1c0a9b7e";
+    std::fs::write(
+        berth.data_path().join("objects/.uploads").join(refused),
+        b"x",
+    )
+    .unwrap();
     let store = RedbStore::open(&berth.data_path().join("meta.redb")).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -136,7 +157,7 @@ fn expiry_goes_on_past_a_failing_session_and_reclaims_forgotten_uploads() {
         id: "refused-by-the-store".into(),
         repo: "heal/refused".into(),
         key: "blobs/refused-by-the-store".into(),
-        multipart_id: Some("not-an-upload-id".into()),
+        multipart_id: Some(refused.into()),
         ..Default::default()
     }))
     .unwrap();
@@ -153,10 +174,10 @@ fn expiry_goes_on_past_a_failing_session_and_reclaims_forgotten_uploads() {
     });
     let r = c.get(&healthy).send().unwrap();
     assert_eq!(error_code(&r.text().unwrap()), "BLOB_UPLOAD_UNKNOWN");
-    assert!(
-        multipart_files(&berth).is_empty(),
-        "multipart files left behind: {:?}",
-        multipart_files(&berth)
+    assert_eq!(
+        multipart_files(&berth),
+        [format!(".uploads/{refused}")],
+        "multipart files left behind"
     );
     wait_until("the failure to be counted", Duration::from_secs(10), || {
         metric(&c, metrics_port, "berth_upload_expiry_failures_total") >= 1.0
@@ -167,7 +188,7 @@ fn expiry_goes_on_past_a_failing_session_and_reclaims_forgotten_uploads() {
         .find(|l| l.contains("session refused-by-the-store"))
         .unwrap_or_else(|| panic!("no log line for the failing session:\n{log}"));
     assert!(
-        line.contains("InvalidRequest"),
+        line.contains("Not a directory"),
         "the cause is not logged: {line}"
     );
     assert!(metric(&c, metrics_port, "berth_uploads_total{outcome=\"expired\"}") >= 2.0);

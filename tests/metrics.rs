@@ -752,7 +752,11 @@ fn push_and_pull_move_every_metric_exactly() {
 /// berth.
 #[test]
 fn redirect_mode_counts_redirects() {
-    let o = Observed::start("storage:\n  blob_serving: redirect\n", None);
+    let s3 = S3Server::start();
+    let o = Observed::start(
+        &format!("{}  blob_serving: redirect\n", s3.storage_yaml()),
+        None,
+    );
     let data = pseudo_bytes(4, 30_000);
     let digest = o.push_blob(REPO, &data);
     // GET /v2/ and the push.

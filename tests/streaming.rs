@@ -973,7 +973,8 @@ fn idle_session_expires_and_multipart_is_aborted() {
 
 #[test]
 fn redirect_serving_big_blob() {
-    let berth = Berth::start("storage:\n  blob_serving: redirect\n");
+    let s3 = S3Server::start();
+    let berth = Berth::start(&format!("{}  blob_serving: redirect\n", s3.storage_yaml()));
     let c = client();
     let len = 100 * MIB + 3;
     let digest = push_chunked(&c, &berth, "redirect/blob", 0x7e, len);
