@@ -30,6 +30,7 @@ import urllib.request
 
 import gc_bench
 import import_bench
+import local_bench
 import mirror_bench
 import pg_bench
 
@@ -894,7 +895,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(BENCH, "results"), help="results directory")
     ap.add_argument("--report", metavar="JSON", help="only re-render the .md report of a results .json")
     ap.add_argument("--only", metavar="SECTIONS", default="",
-                    help="comma-separated: run only these sections (pg, import, gc, mirror), not the core ones")
+                    help="comma-separated: run only these sections (pg, import, gc, mirror, local), not the core ones")
     ap.add_argument("--wait-quiet", type=int, default=0, metavar="SECONDS",
                     help="first wait up to SECONDS for other processes to use < 0.3 cores for 10 s")
     args = ap.parse_args()
@@ -958,7 +959,7 @@ def bench(args, work, stamp):
     R = {"meta": {}, "params": P, "small": {}, "blob_get": {}, "redirect": {}, "concurrent": {},
          "push": {}, "pull": {}, "big_push": {}}
     # Sections beyond the core ones, each in a module of its own: all unless --only names some.
-    sections = set(filter(None, args.only.split(","))) or {"pg", "import", "gc", "mirror"}
+    sections = set(filter(None, args.only.split(","))) or {"pg", "import", "gc", "mirror", "local"}
 
     # ---- tools
     ensure_apt({"docker-registry": "docker-registry", "hey": "hey", "wrk": "wrk",
@@ -1311,6 +1312,8 @@ def bench(args, work, stamp):
         R["gc"] = gc_bench.section(sys.modules[__name__], P, work, berth_bin, quick)
     if "mirror" in sections:
         R["mirror"] = mirror_bench.section(sys.modules[__name__], P, work, garage, berth_bin, quick)
+    if "local" in sections:
+        R["local"] = local_bench.section(sys.modules[__name__], P, work, berth_bin, quick)
 
     R["meta"]["load_after"] = load_snapshot()
     R["meta"]["other_processes"] = monitor.stop()
@@ -1561,6 +1564,7 @@ def targets_of(R):
     import_bench.targets(R, add, med)
     gc_bench.targets(R, add, med)
     mirror_bench.targets(R, add, med)
+    local_bench.targets(R, add, med)
     return T
 
 
@@ -1732,6 +1736,7 @@ def report(R):
     import_bench.report(R, w, fmt)
     gc_bench.report(R, w, fmt)
     mirror_bench.report(R, w, fmt)
+    local_bench.report(R, w, fmt)
     return "\n".join(L) + "\n"
 
 
