@@ -959,11 +959,11 @@ fn catch_up_keeps_a_newer_write_of_another_node() {
     assert_eq!(tag_records(&s3, repo, "t").len(), 1);
 
     n[0].start_again();
-    let log = n[0].log();
-    assert!(log.contains("caught up from the bucket"), "{log}");
-    assert!(log.contains("superseded by newer writes"), "{log}");
     for node in &n {
         assert_eq!(pull(node, &c, repo, "t"), d2, "t on {}", node.url(""));
         assert_eq!(pull(node, &c, repo, "u"), d1, "u on {}", node.url(""));
     }
+    let log = n[0].log();
+    assert!(log.contains("caught up from the bucket"), "{log}");
+    assert!(log.contains("superseded by newer writes"), "{log}");
 }
