@@ -233,7 +233,7 @@ async fn catch_up(
     match meta.journal_watermark().await? {
         Some(watermark) => {
             let stats = replayer.catch_up(Some(&watermark)).await?;
-            if stats.total_records() > 0 {
+            if stats.total_records() > 0 || stats.superseded > 0 {
                 log::info!("journal: caught up from the bucket after {watermark}: {stats}");
             }
         }

@@ -883,3 +883,87 @@ fn recover_into_postgres_and_rebuild_at_start() {
         assert_eq!(pull(&started, &c, repo, tag), *digest);
     }
 }
+
+/// The bucket journal's records of `repo:tag`, as (key, time) in key order.
+fn tag_records(s3: &S3Server, repo: &str, tag: &str) -> Vec<(String, String)> {
+    let bucket = s3.root.path().join(S3_BUCKET);
+    let mut out: Vec<(String, String)> = s3
+        .journal_files()
+        .iter()
+        .filter_map(|f| {
+            let key = f.strip_prefix(&bucket).ok()?.to_str()?.to_owned();
+            // berth/journal/<time>-<node>-<seq>/manifest/<repo>:<tag>@<digest>
+            let (unique, what) = key.strip_prefix("berth/journal/")?.split_once('/')?;
+            let (named, _) = what.strip_prefix("manifest/")?.split_once('@')?;
+            let time = unique.get(..24)?.to_owned();
+            (named == format!("{repo}:{tag}")).then_some((key, time))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Issue 15, "two writers": a node that starts while another serves catches up from the
+/// bucket journal on the shared database, and must not put back what an older record says
+/// over a newer write another node committed to the same tag. Here A's catch-up sees A's
+/// record of t -> M1 but not B's later record of t -> M2 (removed from the bucket: as if A
+/// listed the journal just before B wrote it, and replayed t -> M1 after B's commit). A record
+/// whose items nobody wrote since is still applied (a crash between record and commit is
+/// still repaired).
+#[test]
+fn catch_up_keeps_a_newer_write_of_another_node() {
+    use berth::config::{Config, Overrides};
+    use berth::meta::journal::Op;
+    use berth::storage::{ObjectBody, ObjectStore};
+
+    let pg = PgServer::shared();
+    let s3 = S3Server::start();
+    let (_, mut n) = nodes(pg, &s3, 2, "");
+    let c = client();
+    let repo = "two/writers";
+    let (m1, d1) = push_image_blobs(&n[0], &c, repo, 401);
+    let (m2, d2) = push_image_blobs(&n[1], &c, repo, 402);
+    put_manifest(&n[0], &c, repo, "t", &m1);
+    put_manifest(&n[1], &c, repo, "t", &m2);
+    assert_eq!(tag_digest(&n[0], &c, repo, "t").as_deref(), Some(&*d2));
+    n[0].kill();
+
+    let records = tag_records(&s3, repo, "t");
+    assert_eq!(records.len(), 2, "{records:?}");
+    let ((older, t1), (newer, _)) = (&records[0], &records[1]);
+    assert!(older.ends_with(&d1) && newer.ends_with(&d2), "{records:?}");
+    let cfg = Config::from_yaml(&s3.storage_yaml(), &Overrides::default(), &|_| None).unwrap();
+    let store = ObjectStore::new(&cfg.storage).unwrap();
+    // A record of u -> M1 whose commit never happened (its node died in between), from the
+    // time of A's record.
+    let planted = Op::PutManifest {
+        repo: repo.into(),
+        digest: d1.clone(),
+        media_type: OCI_MANIFEST.into(),
+        subject: None,
+        tag: Some("u".into()),
+        referrer: None,
+    };
+    let planted_key = format!("berth/journal/{t1}-deadbeef-00000001/manifest/{repo}:u");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            store.delete_object(newer).await?;
+            store
+                .put_object(&planted_key, ObjectBody::Bytes(planted.encode(&m1)))
+                .await
+        })
+        .unwrap();
+    assert_eq!(tag_records(&s3, repo, "t").len(), 1);
+
+    n[0].start_again();
+    for node in &n {
+        assert_eq!(pull(node, &c, repo, "t"), d2, "t on {}", node.url(""));
+        assert_eq!(pull(node, &c, repo, "u"), d1, "u on {}", node.url(""));
+    }
+    let log = n[0].log();
+    assert!(log.contains("caught up from the bucket"), "{log}");
+    assert!(log.contains("superseded by newer writes"), "{log}");
+}

@@ -32,8 +32,11 @@
 //! The store keeps a watermark: every record with a time before it is applied. At start the
 //! store catches up by replaying the records from the watermark (less [`CATCH_UP_MARGIN`])
 //! on: a crash between a record and its commit is repaired. Replays are idempotent (every
-//! record sets or removes state). A fresh store is rebuilt from the verified blobs and the
-//! whole journal ([`rebuild`]).
+//! record sets or removes state). On a store shared by nodes the others serve meanwhile, so a
+//! record replayed may be older than what another node has committed to the same items since:
+//! each record is replayed under its order stripes ([`MetaStore::journal_stripes`]), and a
+//! part whose stripe has a later record is left out (the store has that newer state already).
+//! A fresh store is rebuilt from the verified blobs and the whole journal ([`rebuild`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -157,6 +160,24 @@ impl Op {
         Ok((op, body.slice(nl + 1..)))
     }
 
+    /// The items the write that wrote this record held the order stripes of: the same
+    /// helpers as the write path (a GC batch held the stripes of every blob it looked at; the
+    /// record names those it collected).
+    fn items(&self) -> Vec<Item<'_>> {
+        match self {
+            Op::PutManifest {
+                repo, digest, tag, ..
+            } => put_manifest_items(repo, digest, tag.as_deref()),
+            Op::DeleteManifest { repo, digest } => vec![manifest_item(repo, digest)],
+            Op::DeleteTag { repo, tag } => vec![tag_item(repo, tag)],
+            Op::Link { digest, .. } | Op::Unlink { digest, .. } | Op::Collected { digest, .. } => {
+                vec![blob_item(digest)]
+            }
+            Op::CollectedBlobs { blobs } => blobs.iter().map(|b| blob_item(&b.digest)).collect(),
+            Op::Adopt { blobs, .. } => blobs.iter().map(|b| blob_item(&b.digest)).collect(),
+        }
+    }
+
     /// The human part of the record's key.
     fn describe(&self) -> String {
         match self {
@@ -214,6 +235,16 @@ pub trait OrderGuard: Send + Sync {
     async fn release(self: Box<Self>);
 }
 
+/// Order stripes a catch-up holds while it replays one record ([`MetaStore::journal_stripes`]).
+pub struct HeldStripes {
+    /// Holds the stripes against the other nodes' writes (its time means nothing): release it
+    /// once the record is applied.
+    pub guard: Box<dyn OrderGuard>,
+    /// `last_ms` of each stripe that has one: the time of its newest record, whose write has
+    /// committed (or its node died) since no write holds the stripe now.
+    pub last_ms: BTreeMap<u32, u64>,
+}
+
 /// The order stripe of an item (FNV-1a over its parts: stable across builds).
 fn order_stripe(item: &(&str, &str, &str)) -> u32 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -226,11 +257,45 @@ fn order_stripe(item: &(&str, &str, &str)) -> u32 {
     (h % u64::from(ORDER_STRIPES)) as u32
 }
 
+/// An item a write touches (its order stripe orders its records across nodes). The write path
+/// locks these, and a replay checks the same ones ([`Op::items`]): one definition for both.
+type Item<'a> = (&'a str, &'a str, &'a str);
+
+/// A blob digest: its record in the index and every repository's link of it.
+fn blob_item(digest: &str) -> Item<'_> {
+    ("blob", digest, "")
+}
+
+fn manifest_item<'a>(repo: &'a str, digest: &'a str) -> Item<'a> {
+    ("manifest", repo, digest)
+}
+
+fn tag_item<'a>(repo: &'a str, tag: &'a str) -> Item<'a> {
+    ("tag", repo, tag)
+}
+
+/// What a manifest PUT touches: the manifest, and the tag when it sets one.
+fn put_manifest_items<'a>(repo: &'a str, digest: &'a str, tag: Option<&'a str>) -> Vec<Item<'a>> {
+    let mut items = vec![manifest_item(repo, digest)];
+    items.extend(tag.map(|t| tag_item(repo, t)));
+    items
+}
+
+/// The order stripes of `items`, sorted and deduplicated.
+fn order_stripes(items: &[Item<'_>]) -> Vec<u32> {
+    let mut order: Vec<u32> = items.iter().map(order_stripe).collect();
+    order.sort_unstable();
+    order.dedup();
+    order
+}
+
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    unix_ms(SystemTime::now())
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The stripes a write holds: in the node, and (on a shared store) across nodes.
@@ -346,14 +411,8 @@ impl Journal {
 
     /// Holds the stripes of `items` in the node, then across nodes when `meta` orders them
     /// (both sorted, so two callers never deadlock).
-    async fn lock(
-        &self,
-        meta: &dyn MetaStore,
-        items: &[(&str, &str, &str)],
-    ) -> MetaResult<Held<'_>> {
-        let mut order: Vec<u32> = items.iter().map(order_stripe).collect();
-        order.sort_unstable();
-        order.dedup();
+    async fn lock(&self, meta: &dyn MetaStore, items: &[Item<'_>]) -> MetaResult<Held<'_>> {
+        let order = order_stripes(items);
         let mut idx: Vec<usize> = order.iter().map(|&o| o as usize % STRIPES).collect();
         idx.sort_unstable();
         idx.dedup();
@@ -463,7 +522,7 @@ impl<M: MetaStore> Journaled<M> {
 
     /// Holds the stripes of `items`, in the node and across nodes (see [`Journal::lock`]):
     /// release them after the local commit.
-    async fn lock(&self, items: &[(&str, &str, &str)]) -> MetaResult<Held<'_>> {
+    async fn lock(&self, items: &[Item<'_>]) -> MetaResult<Held<'_>> {
         self.journal.lock(&self.inner, items).await
     }
 
@@ -493,7 +552,7 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
     }
 
     async fn link_blob(&self, repo: &str, digest: &Digest) -> MetaResult<bool> {
-        let held = self.lock(&[("blob", digest.as_str(), "")]).await?;
+        let held = self.lock(&[blob_item(digest.as_str())]).await?;
         let out = async {
             let Some(blob) = self.inner.blob(digest).await? else {
                 return Ok(false);
@@ -519,7 +578,7 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
     }
 
     async fn unlink_blob(&self, repo: &str, digest: &Digest) -> MetaResult<bool> {
-        let held = self.lock(&[("blob", digest.as_str(), "")]).await?;
+        let held = self.lock(&[blob_item(digest.as_str())]).await?;
         let out = async {
             if self.inner.repo_blob(repo, digest).await?.is_none() {
                 return Ok(false);
@@ -546,11 +605,9 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
         tag: Option<&str>,
         referrer: Option<Referrer>,
     ) -> MetaResult<ManifestPut> {
-        let mut items = vec![("manifest", repo, digest.as_str())];
-        if let Some(t) = tag {
-            items.push(("tag", repo, t));
-        }
-        let held = self.lock(&items).await?;
+        let held = self
+            .lock(&put_manifest_items(repo, digest.as_str(), tag))
+            .await?;
         let out = async {
             // A re-push that changes nothing needs no record.
             let unchanged = match tag {
@@ -609,7 +666,7 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
     }
 
     async fn delete_manifest(&self, repo: &str, digest: &Digest) -> MetaResult<bool> {
-        let held = self.lock(&[("manifest", repo, digest.as_str())]).await?;
+        let held = self.lock(&[manifest_item(repo, digest.as_str())]).await?;
         let out = async {
             if self.inner.manifest(repo, digest).await?.is_none() {
                 return Ok(false);
@@ -629,7 +686,7 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
     }
 
     async fn delete_tag(&self, repo: &str, tag: &str) -> MetaResult<bool> {
-        let held = self.lock(&[("tag", repo, tag)]).await?;
+        let held = self.lock(&[tag_item(repo, tag)]).await?;
         let out = async {
             if self.inner.tagged_manifest(repo, tag).await?.is_none() {
                 return Ok(false);
@@ -699,7 +756,7 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
         record: BlobRecord,
     ) -> MetaResult<Linked> {
         // By digest, across repositories: the first finish of a digest decides its key.
-        let held = self.lock(&[("blob", digest.as_str(), "")]).await?;
+        let held = self.lock(&[blob_item(digest.as_str())]).await?;
         let out = async {
             let link = |key: String, size: u64| Op::Link {
                 repo: repo.to_owned(),
@@ -755,10 +812,7 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
         if blobs.is_empty() {
             return self.inner.adopt_blobs(repo, blobs).await;
         }
-        let stripes: Vec<(&str, &str, &str)> = blobs
-            .iter()
-            .map(|(d, _)| ("blob", d.as_str(), ""))
-            .collect();
+        let stripes: Vec<Item<'_>> = blobs.iter().map(|(d, _)| blob_item(d.as_str())).collect();
         let held = self.lock(&stripes).await?;
         let out = async {
             // A re-run of an import: nothing changes that the bucket does not already say.
@@ -821,7 +875,7 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
     }
 
     async fn collect_blob(&self, digest: &Digest, cutoff: u64) -> MetaResult<BlobCollection> {
-        let held = self.lock(&[("blob", digest.as_str(), "")]).await?;
+        let held = self.lock(&[blob_item(digest.as_str())]).await?;
         let out = async {
             let out = self.inner.collect_blob(digest, cutoff).await?;
             if !out.unlinked.is_empty() || out.deleted.is_some() {
@@ -845,7 +899,7 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
         digests: &[Digest],
         cutoff: u64,
     ) -> MetaResult<Vec<BlobCollection>> {
-        let items: Vec<_> = digests.iter().map(|d| ("blob", d.as_str(), "")).collect();
+        let items: Vec<_> = digests.iter().map(|d| blob_item(d.as_str())).collect();
         let held = self.lock(&items).await?;
         let out = async {
             let out = self.inner.collect_blobs(digests, cutoff).await?;
@@ -879,7 +933,7 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
         digest: &Digest,
         cutoff: u64,
     ) -> MetaResult<Option<ManifestRecord>> {
-        let held = self.lock(&[("manifest", repo, digest.as_str())]).await?;
+        let held = self.lock(&[manifest_item(repo, digest.as_str())]).await?;
         let out = async {
             let out = self.inner.collect_manifest(repo, digest, cutoff).await?;
             if out.is_some() {
@@ -932,7 +986,7 @@ impl<M: MetaStore> MetaStore for Journaled<M> {
     }
 
     async fn delete_tag_if(&self, repo: &str, tag: &str, digest: &Digest) -> MetaResult<bool> {
-        let held = self.lock(&[("tag", repo, tag)]).await?;
+        let held = self.lock(&[tag_item(repo, tag)]).await?;
         let out = async {
             let deleted = self.inner.delete_tag_if(repo, tag, digest).await?;
             if deleted {
@@ -973,7 +1027,11 @@ pub struct ReplayStats {
     pub verified_blobs: u64,
     /// Journal records applied, by operation.
     pub records: BTreeMap<&'static str, u64>,
-    /// Time of the newest record applied (the next watermark).
+    /// Records, or parts of records (a manifest PUT's tag, blobs of a GC batch), not applied
+    /// by a catch-up on a store shared by nodes: a newer write of their items was committed
+    /// since (the store has its state, the bucket its record).
+    pub superseded: u64,
+    /// Time of the newest record replayed (the next watermark).
     pub newest: Option<String>,
 }
 
@@ -998,6 +1056,13 @@ impl std::fmt::Display for ReplayStats {
                 .map(|(op, n)| format!("{op} {n}"))
                 .collect();
             write!(f, " ({})", parts.join(", "))?;
+        }
+        if self.superseded > 0 {
+            write!(
+                f,
+                ", {} superseded by newer writes of other nodes",
+                self.superseded
+            )?;
         }
         Ok(())
     }
@@ -1068,7 +1133,7 @@ impl Replayer<'_> {
             stats.verified_blobs,
             started.elapsed()
         ));
-        self.replay_journal(None, Some(&existing), &mut stats)
+        self.replay_journal(None, Some(&existing), false, &mut stats)
             .await?;
         self.progress.report(&format!(
             "rebuild: done in {:.1?}: {stats}",
@@ -1078,14 +1143,16 @@ impl Replayer<'_> {
     }
 
     /// Replays the records from `watermark` (less [`CATCH_UP_MARGIN`]) on; everything when
-    /// None.
+    /// None. On a store shared by nodes ([`MetaStore::journal_stripes`]) each record is
+    /// replayed under its items' order stripes, and what a newer write of the same items has
+    /// committed since is not replayed over it: other nodes serve while this one catches up.
     pub async fn catch_up(&self, watermark: Option<&str>) -> MetaResult<ReplayStats> {
         let from = watermark.and_then(parse_time).map(|t| {
             self.store
                 .key(&format!("{JOURNAL}{}", format_time(t - CATCH_UP_MARGIN)))
         });
         let mut stats = ReplayStats::default();
-        self.replay_journal(from.as_deref(), None, &mut stats)
+        self.replay_journal(from.as_deref(), None, true, &mut stats)
             .await?;
         Ok(stats)
     }
@@ -1112,11 +1179,13 @@ impl Replayer<'_> {
     }
 
     /// Applies the journal records after `start_after`, in key order. `blob_keys` (rebuild
-    /// only): the blob objects that exist, to defer links to deleted copies.
+    /// only): the blob objects that exist, to defer links to deleted copies. `ordered`
+    /// (catch-up): each record under its order stripes, less what newer writes superseded.
     async fn replay_journal(
         &self,
         start_after: Option<&str>,
         blob_keys: Option<&HashSet<&str>>,
+        ordered: bool,
         stats: &mut ReplayStats,
     ) -> MetaResult<()> {
         let started = Instant::now();
@@ -1145,9 +1214,38 @@ impl Replayer<'_> {
         while let Some((key, body)) = bodies.try_next().await? {
             let (op, payload) =
                 Op::decode(&body).map_err(|e| failed(format!("record {key}: {e}")))?;
-            let name = self.apply(op, payload, blob_keys, &mut deferred).await?;
-            *stats.records.entry(name).or_insert(0) += 1;
-            if let Some(t) = key_time(store.prefix(), key) {
+            let time = key_time(store.prefix(), key);
+            let record_ms = time.and_then(parse_time).map(unix_ms);
+            let held = match record_ms {
+                Some(ms) if ordered => self
+                    .meta
+                    .journal_stripes(&order_stripes(&op.items()))
+                    .await?
+                    .map(|h| (h, ms)),
+                _ => None,
+            };
+            let applied = async {
+                let (op, superseded) = match &held {
+                    Some((h, ms)) => self.unsuperseded(op, h, *ms).await?,
+                    None => (Some(op), false),
+                };
+                let name = match op {
+                    Some(op) => Some(self.apply(op, payload, blob_keys, &mut deferred).await?),
+                    None => None,
+                };
+                MetaResult::Ok((name, superseded))
+            }
+            .await;
+            if let Some((h, _)) = held {
+                h.guard.release().await;
+            }
+            let (name, superseded) = applied?;
+            if let Some(name) = name {
+                *stats.records.entry(name).or_insert(0) += 1;
+            }
+            stats.superseded += u64::from(superseded);
+            // Superseded or not, the record is in the bucket: stripes move past it below.
+            if let Some(t) = time {
                 stats.newest = Some(t.to_owned());
             }
             done += 1;
@@ -1174,9 +1272,7 @@ impl Replayer<'_> {
     /// `newest` (a rebuilt database starts with no order, and this node's clock may be behind
     /// the times of the records replayed). In chunks, each held only for its one update.
     async fn order_after(&self, newest: SystemTime) -> MetaResult<()> {
-        let ms = newest
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let ms = unix_ms(newest);
         let all: Vec<u32> = (0..ORDER_STRIPES).collect();
         for chunk in all.chunks(64) {
             match self.meta.journal_order(chunk, ms).await? {
@@ -1185,6 +1281,103 @@ impl Replayer<'_> {
             }
         }
         Ok(())
+    }
+
+    /// What of `op`, written at `record_ms`, a catch-up still applies while `held` holds its
+    /// stripes, and whether any of it was left out: a part is left out when a stripe of its
+    /// items has a later record (a newer write of those items, or of others on the same
+    /// stripe, has committed; the store has that state and the bucket says it after this
+    /// record). Nothing moves under the held stripes meanwhile.
+    async fn unsuperseded(
+        &self,
+        op: Op,
+        held: &HeldStripes,
+        record_ms: u64,
+    ) -> MetaResult<(Option<Op>, bool)> {
+        let newer = |item: Item<'_>| {
+            held.last_ms
+                .get(&order_stripe(&item))
+                .is_some_and(|&ms| ms > record_ms)
+        };
+        let kept = |op: Op| Ok((Some(op), false));
+        match op {
+            Op::PutManifest {
+                repo,
+                digest: d,
+                media_type,
+                subject,
+                tag,
+                referrer,
+            } => {
+                let manifest_newer = newer(manifest_item(&repo, &d));
+                let tag_newer = tag.as_deref().is_some_and(|t| newer(tag_item(&repo, t)));
+                let keep_tag = match (manifest_newer, tag_newer) {
+                    (false, false) => {
+                        return kept(Op::PutManifest {
+                            repo,
+                            digest: d,
+                            media_type,
+                            subject,
+                            tag,
+                            referrer,
+                        })
+                    }
+                    (false, true) => false,
+                    (true, true) => return Ok((None, true)),
+                    // The tag is as this record left it (or as before it): it moves to the
+                    // manifest if the manifest is there (put again since: the same bytes),
+                    // not if it was deleted since.
+                    (true, false) => {
+                        if tag.is_none() || self.meta.manifest(&repo, &digest(&d)?).await?.is_none()
+                        {
+                            return Ok((None, true));
+                        }
+                        true
+                    }
+                };
+                let op = Op::PutManifest {
+                    repo,
+                    digest: d,
+                    media_type,
+                    subject,
+                    tag: if keep_tag { tag } else { None },
+                    referrer,
+                };
+                Ok((Some(op), !keep_tag))
+            }
+            Op::CollectedBlobs { blobs } => {
+                let n = blobs.len();
+                let blobs: Vec<CollectedBlob> = blobs
+                    .into_iter()
+                    .filter(|b| !newer(blob_item(&b.digest)))
+                    .collect();
+                let superseded = blobs.len() < n;
+                Ok((
+                    (!blobs.is_empty()).then_some(Op::CollectedBlobs { blobs }),
+                    superseded,
+                ))
+            }
+            Op::Adopt { repo, blobs } => {
+                let n = blobs.len();
+                let blobs: Vec<AdoptedBlob> = blobs
+                    .into_iter()
+                    .filter(|b| !newer(blob_item(&b.digest)))
+                    .collect();
+                let superseded = blobs.len() < n;
+                Ok((
+                    (!blobs.is_empty()).then_some(Op::Adopt { repo, blobs }),
+                    superseded,
+                ))
+            }
+            // One item each.
+            op => {
+                if op.items().into_iter().any(newer) {
+                    Ok((None, true))
+                } else {
+                    kept(op)
+                }
+            }
+        }
     }
 
     async fn apply_collected(
@@ -1384,6 +1577,165 @@ mod tests {
         assert_eq!(order_stripe(&("tag", "a/b", "v1")), 538);
         let blob = format!("sha256:{}", "a".repeat(64));
         assert_eq!(order_stripe(&("blob", &blob, "")), 929);
+    }
+
+    #[test]
+    fn a_record_names_the_items_its_write_held() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        let put = |tag: Option<&str>| Op::PutManifest {
+            repo: "r".into(),
+            digest: d.clone(),
+            media_type: "m".into(),
+            subject: None,
+            tag: tag.map(str::to_owned),
+            referrer: None,
+        };
+        assert_eq!(
+            put(Some("t")).items(),
+            vec![("manifest", "r", d.as_str()), ("tag", "r", "t")]
+        );
+        assert_eq!(put(None).items(), vec![("manifest", "r", d.as_str())]);
+        let unlink = Op::Unlink {
+            repo: "r".into(),
+            digest: d.clone(),
+        };
+        assert_eq!(unlink.items(), vec![("blob", d.as_str(), "")]);
+        let tag = Op::DeleteTag {
+            repo: "r".into(),
+            tag: "t".into(),
+        };
+        assert_eq!(tag.items(), vec![("tag", "r", "t")]);
+    }
+
+    struct NoGuard;
+
+    #[async_trait]
+    impl OrderGuard for NoGuard {
+        fn time_ms(&self) -> u64 {
+            0
+        }
+        async fn release(self: Box<Self>) {}
+    }
+
+    /// Stripes at `ms` of these items, the rest never written.
+    fn held(items: &[Item<'_>], ms: u64) -> HeldStripes {
+        HeldStripes {
+            guard: Box::new(NoGuard),
+            last_ms: order_stripes(items).into_iter().map(|s| (s, ms)).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_catch_up_leaves_out_what_newer_writes_superseded() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = super::super::redb::RedbStore::open(&dir.path().join("meta.redb")).unwrap();
+        let store = ObjectStore::new(&crate::config::StorageConfig {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            region: "us-east-1".into(),
+            bucket: "b".into(),
+            prefix: "berth/".into(),
+            access_key: "k".into(),
+            secret_key: "s".into(),
+            path_style: true,
+            blob_serving: crate::config::BlobServing::Proxy,
+            presign_ttl: Duration::from_secs(900),
+            ca_bundle: None,
+            coalesce_window: 0,
+        })
+        .unwrap();
+        let replayer = Replayer {
+            store: &store,
+            meta: &meta,
+            concurrency: 1,
+            progress: &LogProgress,
+        };
+        let (repo, there, gone) = (
+            "r",
+            format!("sha256:{}", "1".repeat(64)),
+            format!("sha256:{}", "2".repeat(64)),
+        );
+        let record = ManifestRecord {
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            body: Bytes::from_static(b"{}"),
+            references: Vec::new(),
+            subject: None,
+        };
+        meta.put_manifest(repo, &digest(&there).unwrap(), record, None, None)
+            .await
+            .unwrap();
+        let put = |d: &str| Op::PutManifest {
+            repo: repo.into(),
+            digest: d.to_owned(),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            subject: None,
+            tag: Some("t".into()),
+            referrer: None,
+        };
+        let untagged = |d: &str| match put(d) {
+            Op::PutManifest {
+                repo,
+                digest,
+                media_type,
+                subject,
+                referrer,
+                ..
+            } => Op::PutManifest {
+                repo,
+                digest,
+                media_type,
+                subject,
+                tag: None,
+                referrer,
+            },
+            _ => unreachable!(),
+        };
+        let replayer = &replayer;
+        let keep = |op: &Op, h: HeldStripes, ms: u64| {
+            let op = op.clone();
+            async move { replayer.unsuperseded(op, &h, ms).await.unwrap() }
+        };
+        let tag = [tag_item(repo, "t")];
+        let m_there = [manifest_item(repo, &there)];
+        let m_gone = [manifest_item(repo, &gone)];
+        let op = put(&there);
+        // Nothing newer: all of it; the record's own time is not newer.
+        assert_eq!(keep(&op, held(&[], 0), 10).await, (Some(op.clone()), false));
+        assert_eq!(
+            keep(&op, held(&tag, 10), 10).await,
+            (Some(op.clone()), false)
+        );
+        // The tag moved since: the manifest only.
+        assert_eq!(
+            keep(&op, held(&tag, 11), 10).await,
+            (Some(untagged(&there)), true)
+        );
+        // The manifest was written since: the tag moves to it if it is there, not if it went.
+        assert_eq!(keep(&op, held(&m_there, 11), 10).await, (Some(op), false));
+        assert_eq!(keep(&put(&gone), held(&m_gone, 11), 10).await, (None, true));
+        // A GC batch: the blobs written since are left out.
+        let (b1, b2) = (there.clone(), gone.clone());
+        let collected = |ds: &[&String]| Op::CollectedBlobs {
+            blobs: ds
+                .iter()
+                .map(|d| CollectedBlob {
+                    digest: (*d).clone(),
+                    unlinked: vec![repo.into()],
+                    deleted: true,
+                })
+                .collect(),
+        };
+        let batch = collected(&[&b1, &b2]);
+        assert_eq!(
+            keep(&batch, held(&[blob_item(&b2)], 11), 10).await,
+            (Some(collected(&[&b1])), true)
+        );
+        let both = [blob_item(&b1), blob_item(&b2)];
+        assert_eq!(keep(&batch, held(&both, 11), 10).await, (None, true));
+        let delete = Op::DeleteTag {
+            repo: repo.into(),
+            tag: "t".into(),
+        };
+        assert_eq!(keep(&delete, held(&tag, 11), 10).await, (None, true));
     }
 
     #[test]

@@ -306,6 +306,13 @@ pub trait MetaStore: Send + Sync + 'static {
     ) -> MetaResult<Option<Box<dyn journal::OrderGuard>>> {
         Ok(None)
     }
+    /// For a catch-up replaying a record while other nodes serve: holds `stripes` (sorted,
+    /// deduplicated) against the other nodes as [`MetaStore::journal_order`] does, but does not
+    /// move them, and says each one's last record time. None (the default): one process writes
+    /// the store, and nobody wrote it since the records were.
+    async fn journal_stripes(&self, _stripes: &[u32]) -> MetaResult<Option<journal::HeldStripes>> {
+        Ok(None)
+    }
 
     // ---- garbage collection (see src/gc/mod.rs for what is garbage) ----
     /// Queued candidates of `kind` touched at or before `cutoff`, oldest first, at most

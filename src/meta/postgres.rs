@@ -40,6 +40,8 @@
 //! time: after `journal_order.last_ms` of each stripe and not before the node's clock, stored
 //! back before the record is written. The locks go with `pg_advisory_unlock_all()` after the
 //! local commit, or with the connection when the node dies (or the guard is dropped).
+//! [`MetaStore::journal_stripes`] holds stripes the same way for a catch-up replaying a record,
+//! and reads their `last_ms` without moving them.
 //!
 //! # Errors
 //!
@@ -70,7 +72,7 @@ macro_rules! now_secs {
     };
 }
 
-use super::journal::OrderGuard;
+use super::journal::{HeldStripes, OrderGuard};
 use super::{
     upload_claim, BlobCollection, BlobRecord, Candidate, CandidateKind, Linked, ManifestPut,
     ManifestRecord, MetaError, MetaResult, MetaStore, Part, PendingChange, QueuedCandidate,
@@ -517,6 +519,36 @@ impl OrderGuard for PgOrderGuard {
             log::warn!("journal order: releasing the stripes: {e}");
             drop(deadpool_postgres::Object::take(c));
         }
+    }
+}
+
+impl PgStore {
+    /// Holds `stripes` of the journal's order on a connection of the order pool (session
+    /// advisory locks, waiting for whoever holds them), in stripe order so that two nodes
+    /// never wait for each other.
+    async fn hold_stripes(&self, what: &'static str, stripes: &[i32]) -> MetaResult<PgOrderGuard> {
+        let c = self
+            .order_pool
+            .get()
+            .await
+            .map_err(|e| pool_error(what, e))?;
+        let guard = PgOrderGuard {
+            conn: Some(c),
+            time_ms: 0,
+        };
+        let c = guard.conn.as_ref().expect("just taken");
+        // In stripe order (the subquery's).
+        let lock = c
+            .prepare_cached(
+                "SELECT pg_advisory_lock($1, s)
+                   FROM (SELECT s FROM unnest($2::int[]) AS s ORDER BY s) AS sorted",
+            )
+            .await
+            .map_err(db(what))?;
+        c.query(&lock, &[&ORDER_LOCK_CLASS, &stripes])
+            .await
+            .map_err(db(what))?;
+        Ok(guard)
     }
 }
 
@@ -1365,28 +1397,9 @@ impl MetaStore for PgStore {
     ) -> MetaResult<Option<Box<dyn OrderGuard>>> {
         const WHAT: &str = "journal order";
         let at = to_i64(WHAT, at_ms)?;
-        let c = self
-            .order_pool
-            .get()
-            .await
-            .map_err(|e| pool_error(WHAT, e))?;
-        let mut guard = PgOrderGuard {
-            conn: Some(c),
-            time_ms: 0,
-        };
         let stripes: Vec<i32> = stripes.iter().map(|&s| s as i32).collect();
-        let c = guard.conn.as_ref().expect("just taken");
-        // In stripe order (the subquery's), so that two nodes never wait for each other.
-        let lock = c
-            .prepare_cached(
-                "SELECT pg_advisory_lock($1, s)
-                   FROM (SELECT s FROM unnest($2::int[]) AS s ORDER BY s) AS sorted",
-            )
-            .await
-            .map_err(db(WHAT))?;
-        c.query(&lock, &[&ORDER_LOCK_CLASS, &stripes])
-            .await
-            .map_err(db(WHAT))?;
+        let mut guard = self.hold_stripes(WHAT, &stripes).await?;
+        let c = guard.conn.as_ref().expect("held");
         // Under the locks nobody else writes these rows: one statement moves them all to the
         // new time, committed before the record is written.
         let next = c
@@ -1405,6 +1418,28 @@ impl MetaStore for PgStore {
         let ms = rows.first().map_or(at, |r| r.get::<_, i64>(0));
         guard.time_ms = to_u64("journal_order", ms)?;
         Ok(Some(Box::new(guard)))
+    }
+
+    async fn journal_stripes(&self, stripes: &[u32]) -> MetaResult<Option<HeldStripes>> {
+        const WHAT: &str = "journal stripes";
+        let stripes: Vec<i32> = stripes.iter().map(|&s| s as i32).collect();
+        let guard = self.hold_stripes(WHAT, &stripes).await?;
+        let c = guard.conn.as_ref().expect("held");
+        // Every write that moved these rows has let the stripes go: committed, or its node died.
+        let read = c
+            .prepare_cached(
+                "SELECT stripe, last_ms FROM journal_order WHERE stripe = ANY($1::int[])",
+            )
+            .await
+            .map_err(db(WHAT))?;
+        let mut last_ms = std::collections::BTreeMap::new();
+        for r in c.query(&read, &[&stripes]).await.map_err(db(WHAT))? {
+            last_ms.insert(r.get::<_, i32>(0) as u32, to_u64(WHAT, r.get(1))?);
+        }
+        Ok(Some(HeldStripes {
+            guard: Box::new(guard),
+            last_ms,
+        }))
     }
 
     // ---- garbage collection ----
