@@ -6,9 +6,11 @@
 //! - `root/<bucket>/<key>`: an object's bytes, the key's `/` as directories. This is the
 //!   layout berth 0.1's embedded S3 endpoint (s3s-fs) used, so its objects stay readable, and
 //!   `berth import --from-dir` links distribution's files straight into it.
-//! - `root/.uploads/<id>/`: a multipart upload: `key` (the object it becomes) and one file per
-//!   part, named by its number. Completing writes `assembled` there, syncs it, renames it onto
-//!   the object's path and then removes the directory.
+//! - `root/.uploads/<id>/`: a multipart upload: `key` (the object it becomes), `part-size` (the
+//!   size of part 1) and `data`, where part n is written at (n - 1) × part-size. berth cuts
+//!   parts at fixed boundaries (every part but the last has part 1's size), so the parts are
+//!   the object's bytes in place: completing syncs `data`, renames it onto the object's path
+//!   and removes the directory; nothing is copied. A part that breaks the layout is refused.
 //! - `root/.tmp/<random>`: a PutObject being written; renamed into place once whole and
 //!   synced.
 //!
@@ -17,25 +19,26 @@
 //! (resumed by its client, or aborted by upload expiry). A partial write never appears under an
 //! object's key: every object arrives by rename. Synced are whole objects (and their directory
 //! entries), not parts: after a power cut an upload may have to start over, but an object that
-//! was acknowledged is on disk.
+//! was acknowledged is on disk. Writeback of each part starts as soon as it is written
+//! (`sync_file_range`), so the sync at completion waits for little.
 //!
-//! All file I/O runs on tokio's blocking pool, a batch of chunks or one read at a time.
+//! All file I/O runs on tokio's blocking pool, a batch of chunks or one read at a time; a blob
+//! GET reads its next chunk while the previous one is being sent.
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 
 use super::{ListPage, MultipartInfo, MultipartPage, ObjectBody, ObjectInfo, StorageError};
 
-/// Bytes of one read of a blob GET: large enough that per-read costs vanish, small enough
-/// that many concurrent GETs hold little memory.
-const READ_CHUNK: usize = 512 * 1024;
+/// Bytes of one chunk of a blob GET: large enough that per-chunk costs vanish, small enough
+/// that many concurrent GETs hold little memory. A multiple of the page size.
+const READ_CHUNK: usize = 1024 * 1024;
 /// Streamed bodies are written in batches of about this many bytes (one blocking-pool task
 /// each).
 const WRITE_BATCH: usize = 1024 * 1024;
@@ -43,8 +46,10 @@ const WRITE_BATCH: usize = 1024 * 1024;
 const PAGE: usize = 1000;
 const UPLOADS: &str = ".uploads";
 const TMP: &str = ".tmp";
-/// A completed upload's bytes before they are renamed onto the object.
-const ASSEMBLED: &str = "assembled";
+/// An upload's bytes, parts at their offsets, until completion renames them onto the object.
+const DATA: &str = "data";
+/// The size of an upload's part 1: every part but the last has it.
+const PART_SIZE: &str = "part-size";
 
 pub struct LocalStore {
     root: PathBuf,
@@ -177,7 +182,8 @@ impl LocalStore {
         Ok(id)
     }
 
-    /// Writes part `number`; its ETag is its size (what completion checks).
+    /// Writes part `number` at its offset in the upload's data file; its ETag is its size
+    /// (what completion checks). Part 1 comes first and sets the part size.
     pub async fn upload_part(
         &self,
         upload_id: &str,
@@ -185,37 +191,61 @@ impl LocalStore {
         body: ObjectBody,
     ) -> Result<String, StorageError> {
         let dir = self.upload_dir(upload_id)?;
-        if !tokio::fs::try_exists(dir.join("key"))
-            .await
-            .unwrap_or(false)
-        {
-            return Err(StorageError::UploadGone {
-                upload_id: upload_id.to_string(),
-            });
-        }
         let len = match &body {
             ObjectBody::Bytes(b) => b.len() as u64,
             ObjectBody::Stream { len, .. } => *len,
         };
-        // Written beside the part and renamed onto it, so a part file is always whole.
-        let part = dir.join(number.to_string());
-        let partial = dir.join(format!("{number}.partial"));
-        match write_file(&partial, body).await {
-            Ok(()) => {
-                let from = partial.clone();
-                blocking(move || std::fs::rename(&from, &part).map_err(|e| io_error(&part, e)))
-                    .await?;
+        let d = dir.clone();
+        let id = upload_id.to_string();
+        let (file, offset) = blocking(move || {
+            if !d.join("key").exists() {
+                return Err(StorageError::UploadGone { upload_id: id });
+            }
+            let part_size = d.join(PART_SIZE);
+            let offset = if number == 1 {
+                std::fs::write(&part_size, len.to_string()).map_err(|e| io_error(&part_size, e))?;
+                0
+            } else {
+                let size = read_part_size(&d)
+                    .ok_or_else(|| invalid_part(number, "part 1 was not uploaded first"))?;
+                if len > size {
+                    return Err(invalid_part(number, "larger than part 1"));
+                }
+                (number as u64 - 1) * size
+            };
+            let data = d.join(DATA);
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&data)
+                .map_err(|e| io_error(&data, e))?;
+            Ok((file, offset))
+        })
+        .await?;
+        let data = dir.join(DATA);
+        match write_at(file, &data, offset, body).await {
+            Ok(file) => {
+                // Start the part's writeback now: completion's sync then has little left.
+                // Only a hint: an error here changes nothing the sync does not repeat.
+                // SAFETY: a plain syscall on a file descriptor we own.
+                unsafe {
+                    libc::sync_file_range(
+                        std::os::fd::AsRawFd::as_raw_fd(&file),
+                        offset as libc::off64_t,
+                        len as libc::off64_t,
+                        libc::SYNC_FILE_RANGE_WRITE,
+                    );
+                }
                 Ok(format!("\"{len}\""))
             }
-            Err(e) => {
-                let _ = std::fs::remove_file(&partial);
-                Err(gone_if_missing(e, &dir, upload_id))
-            }
+            Err(e) => Err(gone_if_missing(e, &dir, upload_id)),
         }
     }
 
-    /// Assembles the parts into the object. Done again after a crash, it succeeds: the parts
-    /// are still there, or the object already is, with their total size.
+    /// Makes the parts the object: checks them against the layout, syncs the data file and
+    /// renames it onto the object's key. Done again after a crash, it succeeds: the data is
+    /// still there, or the object already is, with the parts' total size.
     pub async fn complete_multipart(
         &self,
         key: &str,
@@ -358,13 +388,9 @@ impl LocalStore {
                         http::header::CONTENT_RANGE,
                         header_value(format!("bytes */{size}")),
                     );
-                    return Ok(FileStream {
-                        status: 416,
-                        headers,
-                        file: None,
-                        pos: 0,
-                        end: 0,
-                    });
+                    let mut unsatisfiable = FileStream::status(416);
+                    unsatisfiable.headers = headers;
+                    return Ok(unsatisfiable);
                 }
                 Some(Range::Bytes(start, end)) => {
                     headers.insert(
@@ -381,19 +407,23 @@ impl LocalStore {
                 file: Some(Arc::new(file)),
                 pos: start,
                 end,
+                next: None,
             })
         })
         .await
     }
 }
 
-/// An object being read for a blob GET.
+/// An object being read for a blob GET: the next read runs while the chunk before it is
+/// sent.
 pub struct FileStream {
     status: u16,
     headers: HeaderMap,
     file: Option<Arc<File>>,
+    /// Where the next read starts, and the end of the range.
     pos: u64,
     end: u64,
+    next: Option<tokio::task::JoinHandle<Result<Bytes, StorageError>>>,
 }
 
 impl FileStream {
@@ -404,6 +434,7 @@ impl FileStream {
             file: None,
             pos: 0,
             end: 0,
+            next: None,
         }
     }
 
@@ -418,44 +449,69 @@ impl FileStream {
     /// The next read, up to [`READ_CHUNK`] bytes; None at the end. A file that became
     /// shorter than it was when opened is an error, never a short body passed off as whole.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, StorageError> {
-        let Some(file) = &self.file else {
+        let Some(read) = self.next.take().or_else(|| self.start_read()) else {
             return Ok(None);
         };
+        let chunk = read.await.unwrap_or_else(|e| {
+            Err(StorageError::Failed {
+                status: 0,
+                code: "ReadError".into(),
+                message: format!("file read task failed: {e}"),
+            })
+        })?;
+        self.next = self.start_read();
+        Ok(Some(chunk))
+    }
+
+    fn start_read(&mut self) -> Option<tokio::task::JoinHandle<Result<Bytes, StorageError>>> {
+        let file = self.file.clone()?;
         if self.pos >= self.end {
-            return Ok(None);
+            return None;
         }
         let want = (self.end - self.pos).min(READ_CHUNK as u64) as usize;
-        let file = file.clone();
         let pos = self.pos;
-        let buf = blocking(move || {
-            let mut buf = BytesMut::zeroed(want);
-            let mut filled = 0;
-            while filled < want {
-                match file.read_at(&mut buf[filled..], pos + filled as u64) {
-                    Ok(0) => {
-                        return Err(StorageError::Failed {
-                            status: 0,
-                            code: "ReadError".into(),
-                            message: "the object's file ended early".into(),
-                        })
-                    }
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        return Err(StorageError::Failed {
-                            status: 0,
-                            code: "ReadError".into(),
-                            message: e.to_string(),
-                        })
-                    }
-                }
-            }
-            Ok(buf.freeze())
-        })
-        .await?;
-        self.pos += buf.len() as u64;
-        Ok(Some(buf))
+        self.pos += want as u64;
+        Some(tokio::task::spawn_blocking(move || {
+            read_chunk(&file, pos, want)
+        }))
     }
+}
+
+impl Drop for FileStream {
+    fn drop(&mut self) {
+        if let Some(read) = self.next.take() {
+            read.abort();
+        }
+    }
+}
+
+/// The file's bytes `[pos, pos + want)` as a chunk: a memory map of them, its pages read in
+/// here (on the blocking pool) so that sending it never waits for the disk. The socket write
+/// copies from the page cache: no copy into a buffer of ours, no buffer to zero. Each chunk
+/// maps only itself and unmaps when sent, so a GET holds a chunk or two, whatever the blob's
+/// size. Objects are never written in place (they arrive by rename, leave by unlink), so a
+/// mapped file does not shrink under the map.
+fn read_chunk(file: &File, pos: u64, want: usize) -> Result<Bytes, StorageError> {
+    let failed = |message: String| StorageError::Failed {
+        status: 0,
+        code: "ReadError".into(),
+        message,
+    };
+    let size = file.metadata().map_err(|e| failed(e.to_string()))?.len();
+    if pos + want as u64 > size {
+        return Err(failed("the object's file ended early".into()));
+    }
+    // SAFETY: the map is read only and the file is not written or truncated while berth
+    // serves it (see above); the bytes are only read. (memmap2 aligns the offset itself.)
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(pos)
+            .len(want)
+            .populate()
+            .map(file)
+    }
+    .map_err(|e| failed(e.to_string()))?;
+    Ok(Bytes::from_owner(map))
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -558,17 +614,30 @@ fn is_upload_id(id: &str) -> bool {
 /// whatever was written stays for the caller to remove).
 async fn write_file(path: &Path, body: ObjectBody) -> Result<(), StorageError> {
     let target = path.to_path_buf();
+    let file = blocking(move || File::create(&target).map_err(|e| io_error(&target, e))).await?;
+    write_at(file, path, 0, body).await.map(drop)
+}
+
+/// Writes `body` into `file` from `offset` on: exactly its declared length, or an error.
+/// Returns the file.
+async fn write_at(
+    file: File,
+    path: &Path,
+    offset: u64,
+    body: ObjectBody,
+) -> Result<File, StorageError> {
+    let target = path.to_path_buf();
     match body {
         ObjectBody::Bytes(bytes) => {
             blocking(move || {
-                let mut f = File::create(&target).map_err(|e| io_error(&target, e))?;
-                f.write_all(&bytes).map_err(|e| io_error(&target, e))
+                file.write_all_at(&bytes, offset)
+                    .map_err(|e| io_error(&target, e))?;
+                Ok(file)
             })
             .await
         }
         ObjectBody::Stream { len, mut chunks } => {
-            let t = target.clone();
-            let mut file = blocking(move || File::create(&t).map_err(|e| io_error(&t, e))).await?;
+            let mut file = file;
             let mut written = 0u64;
             let mut batch: Vec<Bytes> = Vec::new();
             let mut batched = 0usize;
@@ -576,8 +645,7 @@ async fn write_file(path: &Path, body: ObjectBody) -> Result<(), StorageError> {
             while !ended {
                 match chunks.recv().await {
                     Some(Ok(chunk)) => {
-                        written += chunk.len() as u64;
-                        if written > len {
+                        if written + (batched + chunk.len()) as u64 > len {
                             return Err(length_error(len, "more"));
                         }
                         batched += chunk.len();
@@ -594,11 +662,15 @@ async fn write_file(path: &Path, body: ObjectBody) -> Result<(), StorageError> {
                 }
                 if batched >= WRITE_BATCH || (ended && !batch.is_empty()) {
                     let chunks = std::mem::take(&mut batch);
+                    let at = offset + written;
+                    written += batched as u64;
                     batched = 0;
                     let t = target.clone();
                     file = blocking(move || {
+                        let mut at = at;
                         for c in &chunks {
-                            file.write_all(c).map_err(|e| io_error(&t, e))?;
+                            file.write_all_at(c, at).map_err(|e| io_error(&t, e))?;
+                            at += c.len() as u64;
                         }
                         Ok(file)
                     })
@@ -608,7 +680,7 @@ async fn write_file(path: &Path, body: ObjectBody) -> Result<(), StorageError> {
             if written != len {
                 return Err(length_error(len, "fewer"));
             }
-            Ok(())
+            Ok(file)
         }
     }
 }
@@ -646,6 +718,14 @@ fn place(from: &Path, to: &Path) -> Result<(), StorageError> {
         .map_err(|e| io_error(parent, e))
 }
 
+fn read_part_size(dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(dir.join(PART_SIZE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// [`LocalStore::complete_multipart`] on the blocking pool.
 fn assemble(
     dir: &Path,
@@ -654,38 +734,43 @@ fn assemble(
     upload_id: &str,
 ) -> Result<(), StorageError> {
     let total: u64 = parts.iter().map(|(_, s)| s).sum();
-    if !dir.join("key").exists() {
-        // Completed before a crash (the object is there, the directory already removed), or
-        // really gone.
-        return match std::fs::metadata(object) {
-            Ok(m) if m.len() == total => Ok(()),
-            _ => Err(StorageError::UploadGone {
+    let data = dir.join(DATA);
+    // Completed before a crash: the object is there (and the directory may be left).
+    let done = || std::fs::metadata(object).is_ok_and(|m| m.len() == total);
+    if !dir.join("key").exists() || !data.exists() {
+        return if done() {
+            let _ = std::fs::remove_dir_all(dir);
+            Ok(())
+        } else {
+            Err(StorageError::UploadGone {
                 upload_id: upload_id.to_string(),
-            }),
+            })
         };
     }
-    if parts.is_empty() {
+    let Some(((last, _), rest)) = parts.split_last() else {
         return Err(invalid_part(0, "no parts"));
-    }
-    for (number, size) in parts {
-        let got = std::fs::metadata(dir.join(number.to_string()))
-            .map(|m| m.len())
-            .ok();
-        if got != Some(*size) {
-            return Err(invalid_part(*number, "missing or not the size uploaded"));
+    };
+    let part_size = read_part_size(dir).ok_or_else(|| invalid_part(1, "never uploaded"))?;
+    for (i, (number, size)) in rest.iter().enumerate() {
+        if *number != i as u32 + 1 || *size != part_size {
+            return Err(invalid_part(*number, "not in the upload's layout"));
         }
     }
-    let assembled = dir.join(ASSEMBLED);
-    let mut out = File::create(&assembled).map_err(|e| io_error(&assembled, e))?;
-    for (number, _) in parts {
-        let part = dir.join(number.to_string());
-        let mut f = File::open(&part).map_err(|e| io_error(&part, e))?;
-        // std::io::copy between files is copy_file_range on Linux: no bytes through user space.
-        std::io::copy(&mut f, &mut out).map_err(|e| io_error(&assembled, e))?;
+    if *last != parts.len() as u32 || parts.last().is_some_and(|(_, s)| *s > part_size) {
+        return Err(invalid_part(*last, "not in the upload's layout"));
     }
-    out.sync_all().map_err(|e| io_error(&assembled, e))?;
-    drop(out);
-    place(&assembled, object)?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .map_err(|e| io_error(&data, e))?;
+    let len = file.metadata().map_err(|e| io_error(&data, e))?.len();
+    if len < total {
+        return Err(invalid_part(*last, "fewer bytes on disk than uploaded"));
+    }
+    file.set_len(total).map_err(|e| io_error(&data, e))?;
+    file.sync_all().map_err(|e| io_error(&data, e))?;
+    drop(file);
+    place(&data, object)?;
     std::fs::remove_dir_all(dir).map_err(|e| io_error(dir, e))
 }
 
@@ -1026,8 +1111,32 @@ mod tests {
         )
         .await
         .unwrap();
+        // A part larger than part 1 does not fit the layout.
+        assert!(matches!(
+            s.upload_part(
+                "p/blobs/upload-2",
+                &id2,
+                2,
+                ObjectBody::Bytes(data.slice(..11))
+            )
+            .await,
+            Err(StorageError::Failed { status: 400, .. })
+        ));
         s.abort_multipart("p/blobs/upload-2", &id2).await.unwrap();
         s.abort_multipart("p/blobs/upload-2", &id2).await.unwrap();
+        // Part 1 sets the layout: a part 2 first is refused.
+        let id3 = s.create_multipart("p/blobs/upload-3").await.unwrap();
+        assert!(matches!(
+            s.upload_part(
+                "p/blobs/upload-3",
+                &id3,
+                2,
+                ObjectBody::Bytes(data.slice(..10))
+            )
+            .await,
+            Err(StorageError::Failed { status: 400, .. })
+        ));
+        s.abort_multipart("p/blobs/upload-3", &id3).await.unwrap();
         assert!(matches!(
             s.upload_part(
                 "p/blobs/upload-2",
