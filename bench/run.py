@@ -969,7 +969,7 @@ def bench(args, work, stamp):
     rev = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"], capture_output=True,
                          text=True).stdout.strip()
     R["meta"].update({
-        "date": stamp, "mode": "quick" if quick else "full", "host": platform.node(),
+        "date": stamp, "mode": "quick" if quick else "full", "only": args.only, "host": platform.node(),
         "cpus": os.cpu_count(), "cpu": _cpu_model(), "kernel": platform.release(),
         "berth_rev": rev, "berth": version_of([berth_bin, "--version"]),
         "distribution": version_of(["docker-registry", "--version"]),
@@ -1575,7 +1575,8 @@ def report(R):
     mib = 1 / MiB
     w(f"# berth vs CNCF distribution — {M['date']} ({M['mode']})\n")
     waited = M.get("waited_for_quiet_s", 0)
-    w(f"Command: `python3 bench/run.py{' --quick' if M['mode'] == 'quick' else ''}` — {M['wall_seconds']} s wall"
+    only = f" --only {M['only']}" if M.get("only") else ""
+    w(f"Command: `python3 bench/run.py{' --quick' if M['mode'] == 'quick' else ''}{only}` — {M['wall_seconds']} s wall"
       f"{f', of which {waited} s waiting for a quiet machine' if waited else ''}.\n")
     w(f"- Host: {M['cpus']} × {M['cpu']}, Linux {M['kernel']}")
     w(f"- berth `{M['berth_rev']}` ({M['berth']}), threads: 2, proxy mode (redirect mode for the 307 rows)")
