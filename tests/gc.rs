@@ -552,3 +552,80 @@ fn write_object(s3: &S3Server, key: &str, body: &'static [u8]) -> std::path::Pat
     std::thread::sleep(Duration::from_millis(1100));
     path
 }
+
+/// The local object store (berth's embedded default) lists its multipart uploads: `--orphans`
+/// aborts one no session owns (what a crash before the session was saved leaves) and keeps
+/// the one a session still owns.
+#[test]
+fn orphan_multipart_uploads_of_the_local_store_are_aborted() {
+    let yaml = gc_yaml(free_port(), "upload:\n  part_size: 5MiB\n");
+    let b = Berth::start(&yaml);
+    let c = client();
+    let img = Image::new(12, vec![bytes(120, 1000)]);
+    push_ok(&b, &c, "orph/local", "v1", &img);
+    // A session with a multipart upload in progress (one part stored).
+    let r = c
+        .post(b.url("/v2/orph/local/blobs/uploads/"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    let r = c
+        .patch(b.url(&location))
+        .header("Content-Type", "application/octet-stream")
+        .body(bytes(121, 6 << 20))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // An upload no session names, made through the local store itself.
+    let config = berth::config::Config::from_yaml(
+        &std::fs::read_to_string(b.config_path()).unwrap(),
+        &Default::default(),
+        &|_| None,
+    )
+    .unwrap();
+    let objects = b.data_path().join("objects");
+    let store = berth::storage::ObjectStore::local(&objects, &config.storage).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let orphan = rt
+        .block_on(store.create_multipart("blobs/00000000-1111-2222-3333-444444444444"))
+        .unwrap();
+    rt.block_on(store.upload_part(
+        "blobs/00000000-1111-2222-3333-444444444444",
+        &orphan,
+        1,
+        berth::storage::ObjectBody::Bytes(bytes::Bytes::from_static(b"stranded")),
+    ))
+    .unwrap();
+    let uploads = || -> BTreeSet<String> {
+        std::fs::read_dir(objects.join(".uploads"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect()
+    };
+    assert_eq!(uploads().len(), 2);
+    outlast_grace();
+
+    let r = gc(&b, &["--orphans"]);
+    assert_eq!(count(&r, "multipart_uploads"), 1, "{r}");
+    assert!(!r["notes"].to_string().contains("multipart"), "{r}");
+    let left = uploads();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(!left.contains(&orphan), "the orphan upload is still there");
+    // The session's upload goes on.
+    let r = c
+        .put(format!(
+            "{}{}digest={}",
+            b.url(&location),
+            if location.contains('?') { '&' } else { '?' },
+            sha256_digest(&bytes(121, 6 << 20))
+        ))
+        .header("Content-Length", "0")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", b.log());
+    assert_pulls(&b, &c, "orph/local", "v1", &img);
+}

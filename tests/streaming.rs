@@ -284,7 +284,7 @@ fn chunked_peaks(len: u64, seed: u64, env: &[(&str, &str)], label: &str) -> Peak
 
 /// A 512 MiB blob costs berth no more memory than a 64 MiB one: bytes stream to the object
 /// store in parts (at most two parts of 8 MiB buffered per upload) and stream back through
-/// the proxy. (The embedded S3 server runs inside berth and is included in the figures.)
+/// the proxy. (berth's embedded default: the local object store.)
 #[test]
 fn large_blob_bounded_memory() {
     // berth pins glibc's mmap threshold at start (src/main.rs), so part buffers go back to the
@@ -321,7 +321,7 @@ fn large_blob_bounded_memory() {
             p.pull
         );
     }
-    // Absolute bound: ~36 MiB measured (16 MiB at start incl. the embedded S3 server, two
+    // Absolute bound: ~36 MiB measured with 0.1's embedded S3 server (16 MiB at start, two
     // part buffers); 64 MiB leaves room for other machines while failing if a third part
     // buffer per upload, or the blob, were held.
     assert!(

@@ -1095,6 +1095,15 @@ mod tests {
         assert_eq!((st, body.as_slice()), (200, &data[..]));
         // Completing again (the client retried after a crash) succeeds: the object is there.
         s.complete_multipart(key, &id, &parts).await.unwrap();
+        // A kill between the rename and the directory's removal: the retry finishes the job.
+        let upload = dir.path().join("objects/.uploads").join(&id);
+        std::fs::create_dir(&upload).unwrap();
+        std::fs::write(upload.join("key"), key).unwrap();
+        std::fs::write(upload.join(PART_SIZE), "1000000").unwrap();
+        s.complete_multipart(key, &id, &parts).await.unwrap();
+        assert!(!upload.exists());
+        let (st, body) = read_all(&s, key, None).await;
+        assert_eq!((st, body.as_slice()), (200, &data[..]));
         assert!(s
             .list_multipart_uploads("", None)
             .await
