@@ -285,8 +285,18 @@ fn chunked_peaks(len: u64, seed: u64, env: &[(&str, &str)], label: &str) -> Peak
 /// A 512 MiB blob costs berth no more memory than a 64 MiB one: bytes stream to the object
 /// store in parts (at most two parts of 8 MiB buffered per upload) and stream back through
 /// the proxy. (berth's embedded default: the local object store.)
+/// The tests that measure berth's memory take turns: run beside each other, one's disk
+/// writes slow the other's object store, uploads then overlap longer, and peaks measure the
+/// neighbour rather than the code.
+static MEMORY_MEASURED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn measuring_memory() -> std::sync::MutexGuard<'static, ()> {
+    MEMORY_MEASURED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn large_blob_bounded_memory() {
+    let _turn = measuring_memory();
     // berth pins glibc's mmap threshold at start (src/main.rs), so part buffers go back to the
     // system when freed and VmHWM shows the upload algorithm's own working set.
     let p64 = chunked_peaks(64 * MIB, 64, &[], "64 MiB");
@@ -298,11 +308,12 @@ fn large_blob_bounded_memory() {
         mib(peak(&p512)),
     );
 
-    // 8x the bytes, the same peak. Measured here: ~35.5 MiB for both sizes, ~+19.5 MiB over
-    // the start, i.e. the two part buffers and some change; a leak per part would add 8 MiB
-    // per 64 MiB of blob, and pull peaks stay within ~3 MiB of the start.
+    // 8x the bytes, the same bound. Measured on the local store: 25 MiB for 64 MiB (one part
+    // buffer at a time: the store drained each before the next filled) and 25–33 MiB for
+    // 512 MiB (both buffers once the kernel throttles the writes); a leak per part would add
+    // 8 MiB per 64 MiB of blob, and pull peaks stay within ~3 MiB of the start.
     assert!(
-        peak(&p512) < peak(&p64) + 8 * 1024,
+        peak(&p512) < peak(&p64) + PART / KIB + 2 * 1024,
         "peak RSS grows with the blob: 64 MiB blob {} KiB, 512 MiB blob {} KiB",
         peak(&p64),
         peak(&p512)
@@ -334,6 +345,7 @@ fn large_blob_bounded_memory() {
 /// Known length: monolithic POST ?digest= of 256 MiB streams into one PutObject.
 #[test]
 fn large_monolithic_known_length_bounded_memory() {
+    let _turn = measuring_memory();
     let len = 256 * MIB;
     let seed = 256;
     let berth = Berth::start(MEMORY_YAML);
@@ -1189,6 +1201,7 @@ impl RawPatch {
 /// stays within the budget plus slack.
 #[test]
 fn many_chunked_uploads_share_a_small_budget() {
+    let _turn = measuring_memory();
     let budget = 32 * MIB;
     let s3 = S3Server::start();
     let (berth, ops) = budgeted(&s3, budget, "");
