@@ -1178,6 +1178,10 @@ fn delete_blob() {
 /// Redirect mode needs an S3 endpoint: the local store has no URLs.
 #[test]
 fn redirect_mode_with_the_local_store_is_refused_at_start() {
+    if test_storage_is_s3() {
+        eprintln!("SKIPPED: BERTH_TEST_STORAGE=s3 (a test of the local store)");
+        return;
+    }
     let (status, log) = Berth::start_expecting_exit(
         "storage:\n  blob_serving: redirect\n",
         None,
@@ -3326,4 +3330,15 @@ fn sha512_round_trips() {
         400,
         "DIGEST_INVALID",
     );
+}
+
+/// The harness runs the object store it says: a pushed blob's bytes are under the data dir
+/// (the local store) by default, and nowhere there with `BERTH_TEST_STORAGE=s3`.
+#[test]
+fn the_harness_runs_the_object_store_it_says() {
+    let reg = Reg::with("");
+    reg.push_blob("harness/repo", &pseudo_bytes(7, 10_000));
+    let blobs = reg.berth.data_path().join("objects/registry/blobs");
+    let local_files = std::fs::read_dir(&blobs).map_or(0, |d| d.count());
+    assert_eq!(local_files > 0, !test_storage_is_s3(), "{}", blobs.display());
 }

@@ -558,6 +558,10 @@ fn write_object(s3: &S3Server, key: &str, body: &'static [u8]) -> std::path::Pat
 /// the one a session still owns.
 #[test]
 fn orphan_multipart_uploads_of_the_local_store_are_aborted() {
+    if common::test_storage_is_s3() {
+        eprintln!("SKIPPED: BERTH_TEST_STORAGE=s3 (a test of the local store)");
+        return;
+    }
     let yaml = gc_yaml(free_port(), "upload:\n  part_size: 5MiB\n");
     let b = Berth::start(&yaml);
     let c = client();

@@ -5,6 +5,11 @@
 //! Metadata backend: redb unless `BERTH_TEST_METADATA=postgres`, which gives every berth
 //! started here (without a `metadata:` section of its own) a fresh database on a real
 //! PostgreSQL server ([`pg::PgServer::shared`]): the same tests run on both backends.
+//!
+//! Object store: a berth started without an S3 server of the test's own runs on its embedded
+//! default, the local store under its data dir, unless `BERTH_TEST_STORAGE=s3`, which gives
+//! every such berth (whose config names no `endpoint:`) an S3 server of its own
+//! ([`S3Server::start`]): the same tests run on both object-store backends.
 #![allow(dead_code)]
 
 pub mod credentials;
@@ -520,6 +525,30 @@ pub struct Berth {
     env: Vec<(String, String)>,
     /// Set when berth serves TLS: how clients reach it.
     tls: Option<TlsClient>,
+    /// The S3 server `BERTH_TEST_STORAGE=s3` gave this berth (dropped after it).
+    own_s3: Option<S3Server>,
+}
+
+/// Whether berths without an object store of the test's own get an S3 server
+/// (`BERTH_TEST_STORAGE=s3`) rather than the local store.
+pub fn test_storage_is_s3() -> bool {
+    std::env::var("BERTH_TEST_STORAGE").as_deref() == Ok("s3")
+}
+
+/// `extra_yaml` on `s3`: its `storage:` keys (if any) join the server's section.
+fn with_s3_storage(s3: &S3Server, extra_yaml: &str) -> String {
+    let storage = s3.storage_yaml();
+    if let Some(rest) = extra_yaml.strip_prefix("storage:\n") {
+        return format!("{storage}{rest}");
+    }
+    match extra_yaml.find("\nstorage:\n") {
+        Some(i) => format!(
+            "{}\n{storage}{}",
+            &extra_yaml[..i],
+            &extra_yaml[i + "\nstorage:\n".len()..]
+        ),
+        None => format!("{storage}{extra_yaml}"),
+    }
 }
 
 /// What a client needs to talk to a berth that serves TLS.
@@ -614,11 +643,12 @@ impl Berth {
         let data_dir = tempfile::tempdir().unwrap();
         let config_path = data_dir.path().join("berth.yaml");
         let log_path = data_dir.path().join("berth.log");
-        let mut yaml = String::new();
-        if let Some(s3) = s3 {
-            yaml.push_str(&s3.storage_yaml());
-        }
-        yaml.push_str(extra_yaml);
+        let own_s3 = (s3.is_none() && test_storage_is_s3() && !extra_yaml.contains("endpoint:"))
+            .then(S3Server::start);
+        let mut yaml = match s3.or(own_s3.as_ref()) {
+            Some(s3) => with_s3_storage(s3, extra_yaml),
+            None => extra_yaml.to_string(),
+        };
         if pg::test_backend_is_postgres() && !extra_yaml.contains("metadata:") {
             let server = pg::PgServer::shared();
             if !yaml.ends_with('\n') && !yaml.is_empty() {
@@ -638,6 +668,7 @@ impl Berth {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             tls,
+            own_s3,
         }
     }
 
