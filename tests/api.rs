@@ -3340,5 +3340,10 @@ fn the_harness_runs_the_object_store_it_says() {
     reg.push_blob("harness/repo", &pseudo_bytes(7, 10_000));
     let blobs = reg.berth.data_path().join("objects/registry/blobs");
     let local_files = std::fs::read_dir(&blobs).map_or(0, |d| d.count());
-    assert_eq!(local_files > 0, !test_storage_is_s3(), "{}", blobs.display());
+    assert_eq!(
+        local_files > 0,
+        !test_storage_is_s3(),
+        "{}",
+        blobs.display()
+    );
 }

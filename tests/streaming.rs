@@ -666,12 +666,21 @@ fn retry_after_cut_first_part_leaves_no_multipart_upload() {
         &data[..(4 * MIB) as usize],
         Some(data.len() as u64),
     );
+    // On a loaded machine berth may take the cut PATCH up only after it was sent: until then
+    // the session looks settled at 0 with no multipart upload yet.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !multipart_files(&s3)
+        .iter()
+        .any(|f| f.starts_with(".upload-"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cut PATCH should have created a multipart upload: {:?}",
+            multipart_files(&s3)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(settled_offset(&c, &berth, &url), 0);
-    let files = multipart_files(&s3);
-    assert!(
-        files.iter().any(|f| f.starts_with(".upload-")),
-        "the cut PATCH should have created a multipart upload: {files:?}"
-    );
 
     let r = c
         .put(with_query(&url, &format!("digest={digest}")))
