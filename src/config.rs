@@ -358,6 +358,9 @@ pub struct UploadConfig {
     pub session_expiry: Duration,
     /// Memory all part buffers together may use; uploads wait for room beyond it.
     pub buffer_budget: u64,
+    /// Nice value of the threads doing upload byte work (0–19): how far behind request
+    /// handling the OS schedules them when CPUs are contended.
+    pub transfer_nice: i32,
 }
 
 // ---- the file as written: every scalar is a string or a YAML scalar, resolved below ----
@@ -518,6 +521,7 @@ struct RawUpload {
     part_size: Option<serde_yaml::Value>,
     session_expiry: Option<serde_yaml::Value>,
     buffer_budget: Option<serde_yaml::Value>,
+    transfer_nice: Option<serde_yaml::Value>,
 }
 
 /// Overrides from the command line; they win over the file.
@@ -730,6 +734,16 @@ impl Config {
                 "must be at least upload.part_size (a part buffer must fit)",
             ));
         }
+        let transfer_nice = match r.string("upload.transfer_nice", u.transfer_nice)? {
+            Some(n) => n
+                .parse::<i32>()
+                .ok()
+                .filter(|n| (0..=19).contains(n))
+                .ok_or_else(|| {
+                    ConfigError::new("upload.transfer_nice", "expected a whole number 0-19")
+                })?,
+            None => 19,
+        };
 
         Ok(Config {
             listen,
@@ -740,6 +754,7 @@ impl Config {
                 part_size,
                 session_expiry,
                 buffer_budget,
+                transfer_nice,
             },
             log_level,
             shutdown_grace,
@@ -1275,6 +1290,7 @@ mod tests {
         assert!(c.storage.endpoint.is_none());
         assert_eq!(c.upload.part_size, 8 << 20);
         assert_eq!(c.upload.buffer_budget, 256 << 20);
+        assert_eq!(c.upload.transfer_nice, 19);
         assert_eq!(c.storage.blob_serving, BlobServing::Proxy);
         assert_eq!(c.storage.presign_ttl, Duration::from_secs(900));
         assert!(c.journal.enabled);
@@ -1386,6 +1402,8 @@ mod tests {
                 "storage.access_key",
             ),
             ("threads: 0\n", "threads"),
+            ("upload:\n  transfer_nice: 20\n", "upload.transfer_nice"),
+            ("upload:\n  transfer_nice: -5\n", "upload.transfer_nice"),
             ("log_format: xml\n", "log_format"),
             ("metrics:\n  listen: here\n", "metrics.listen"),
         ];

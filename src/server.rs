@@ -300,6 +300,7 @@ pub fn run(config: Config, registry: Arc<Registry>) -> ! {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
+    crate::http::transfers::init(config.threads, config.upload.transfer_nice);
 
     let access_log = AccessLog::new(config.access_log.then_some(config.log_format));
     let in_flight = InFlight::default();

@@ -1,11 +1,14 @@
 //! One handler per endpoint: call the registry, write the answer.
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 use pingora_proxy::Session;
 
 use super::blob_proxy::stream_blob;
 use super::endpoint::{Endpoint, Mount, Page, MAX_PAGE};
 use super::response::{header, range_value, send, send_empty, set, JSON};
+use super::transfers;
 use crate::auth::limits::{BlobLimit, LimitedBody};
 use crate::meta::UploadSession;
 use crate::metrics::BLOBS;
@@ -19,7 +22,7 @@ const BANNER: &str = concat!("berth registry server ", env!("CARGO_PKG_VERSION")
 /// written yet, and the service answers with the error. `blob`: `limits.max_blob_size`,
 /// applied to every request that adds bytes to a blob.
 pub async fn handle(
-    reg: &Registry,
+    reg: &Arc<Registry>,
     s: &mut Session,
     ep: Endpoint,
     blob: BlobLimit,
@@ -39,7 +42,7 @@ pub async fn handle(
 
 /// Answers `ep` from what berth holds.
 async fn handle_local(
-    reg: &Registry,
+    reg: &Arc<Registry>,
     s: &mut Session,
     ep: Endpoint,
     blob: BlobLimit,
@@ -167,9 +170,14 @@ async fn handle_local(
             let range_start = range.map(|(start, _)| start);
             let allowed = blob.allowance(reg, &name, Some(&id), length).await?;
             let mut body = LimitedBody::new(DownstreamBody(s), allowed);
-            let result = reg
-                .append_upload(&name, &id, range_start, length, &mut body)
-                .await;
+            let result = transfers::run(&mut body, {
+                let (reg, name, id) = (reg.clone(), name.clone(), id.clone());
+                move |mut body| async move {
+                    reg.append_upload(&name, &id, range_start, length, &mut body)
+                        .await
+                }
+            })
+            .await;
             let session = blob.outcome(result, body.exceeded)?;
             reply(send_empty(s, upload_header(202, &session), None).await)
         }
@@ -177,9 +185,14 @@ async fn handle_local(
             let length = content_length(s)?;
             let allowed = blob.allowance(reg, &name, Some(&id), length).await?;
             let mut body = LimitedBody::new(DownstreamBody(s), allowed);
-            let result = reg
-                .finish_upload(&name, &id, &digest, length, &mut body)
-                .await;
+            let result = transfers::run(&mut body, {
+                let (reg, name, digest) = (reg.clone(), name.clone(), digest.clone());
+                move |mut body| async move {
+                    reg.finish_upload(&name, &id, &digest, length, &mut body)
+                        .await
+                }
+            })
+            .await;
             blob.outcome(result, body.exceeded)?;
             reply(send_empty(s, blob_created(&name, &digest), None).await)
         }
@@ -231,7 +244,7 @@ pub(super) async fn send_blob_head(
 }
 
 async fn start_upload(
-    reg: &Registry,
+    reg: &Arc<Registry>,
     s: &mut Session,
     name: String,
     digest: Option<Digest>,
@@ -249,9 +262,14 @@ async fn start_upload(
         let length = content_length(s)?;
         let allowed = blob.allowance(reg, &name, None, length).await?;
         let mut body = LimitedBody::new(DownstreamBody(s), allowed);
-        let result = reg
-            .monolithic_upload(&name, &digest, length, &mut body)
-            .await;
+        let result = transfers::run(&mut body, {
+            let (reg, name, digest) = (reg.clone(), name.clone(), digest.clone());
+            move |mut body| async move {
+                reg.monolithic_upload(&name, &digest, length, &mut body)
+                    .await
+            }
+        })
+        .await;
         blob.outcome(result, body.exceeded)?;
         return reply(send_empty(s, blob_created(&name, &digest), None).await);
     }

@@ -7,6 +7,7 @@
 //! - [`access_log`]: one line per request, text or JSON.
 //! - [`drain`]: on SIGTERM, exit as soon as no request is in flight.
 //! - [`ops`]: the operations listener: `/metrics`, `/healthz`, `/readyz`.
+//! - [`transfers`]: upload byte work on a runtime of its own, fed the body chunk by chunk.
 //! - [`service`]: the pingora `ProxyHttp` implementation that ties them together.
 
 pub mod access_log;
@@ -18,3 +19,4 @@ pub mod mirror;
 pub mod ops;
 pub mod response;
 pub mod service;
+pub mod transfers;
