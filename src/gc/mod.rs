@@ -34,7 +34,7 @@ pub mod orphans;
 pub mod policy;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -360,7 +360,7 @@ impl Collector {
             }
             return Ok(());
         }
-        let cutoff = now.saturating_sub(self.config.untagged_grace.as_secs());
+        let cutoff = due_cutoff(now, self.config.untagged_grace);
         if dry_run {
             return policy::preview_untagged(&*self.meta, cutoff, report).await;
         }
@@ -395,7 +395,7 @@ impl Collector {
         dry_run: bool,
         report: &mut GcReport,
     ) -> Result<(), GcError> {
-        let cutoff = now.saturating_sub(self.config.blob_grace.as_secs());
+        let cutoff = due_cutoff(now, self.config.blob_grace);
         let kind = CandidateKind::Blob;
         if dry_run {
             // Only reads: the due candidates no manifest references.
@@ -503,5 +503,26 @@ impl Collector {
             }
         }
         Ok(())
+    }
+}
+
+/// The newest queue time that is due at `now` after `grace`. Queue times are whole seconds,
+/// floored: a candidate stamped `q` was queued in `[q, q + 1)`, so only `q + grace < now`
+/// guarantees that a whole `grace` has passed (`q + grace == now` may be a fraction of a second).
+fn due_cutoff(now: u64, grace: Duration) -> u64 {
+    now.saturating_sub(grace.as_secs()).saturating_sub(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_cutoff_never_shortens_the_grace() {
+        // Queued at 10.9 (stamped 10), a 1 s grace: not due at 11.0 (stamp 11), due at 12.
+        let grace = Duration::from_secs(1);
+        assert!(10 > due_cutoff(11, grace));
+        assert!(10 <= due_cutoff(12, grace));
+        assert_eq!(due_cutoff(0, grace), 0);
     }
 }
