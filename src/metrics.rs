@@ -310,7 +310,7 @@ pub static UPLOADS: LazyLock<UploadMetrics> = LazyLock::new(|| {
         ),
         budget_in_use: gauge(
             "berth_upload_budget_in_use_bytes",
-            "Budget granted to part buffers right now (a whole part each, given before it fills).",
+            "Budget granted right now: a whole part per part buffer (given before it fills), and 256 KiB per upload request reading its body.",
         ),
         budget_waiting: gauge(
             "berth_upload_budget_waiting",
@@ -318,7 +318,7 @@ pub static UPLOADS: LazyLock<UploadMetrics> = LazyLock::new(|| {
         ),
         budget_wait: histogram(
             "berth_upload_budget_wait_seconds",
-            "How long uploads that found the budget spent waited for room for a part buffer.",
+            "How long uploads that found the budget spent waited for room (a part buffer, or a request's own 256 KiB).",
         ),
     }
 });

@@ -83,7 +83,7 @@ impl Registry {
         Registry {
             meta,
             store,
-            budget: budget::UploadBudget::new(settings.buffer_budget),
+            budget: budget::UploadBudget::new(settings.buffer_budget, settings.part_size),
             settings,
             mirrors: Default::default(),
         }

@@ -75,6 +75,7 @@ impl Registry {
         content_length: Option<u64>,
         body: &mut dyn BodySource,
     ) -> RegistryResult<UploadSession> {
+        let _room = self.budget.admit().await;
         let claim = self.claim_upload(id).await?;
         let result = self
             .append_claimed(repo, id, &claim, range_start, content_length, body)
@@ -139,6 +140,11 @@ impl Registry {
         content_length: Option<u64>,
         body: &mut dyn BodySource,
     ) -> RegistryResult<()> {
+        // A PUT with no body holds no body buffers.
+        let _room = match content_length {
+            Some(0) => None,
+            _ => self.budget.admit().await,
+        };
         let claim = self.claim_upload(id).await?;
         let result = self
             .finish_claimed(repo, id, &claim, digest, content_length, body)
@@ -554,13 +560,28 @@ impl Drop for UploadClaim {
     }
 }
 
+/// Bytes of a full part on their way to the object store, in `berth_upload_buffered_bytes`
+/// until they are freed.
+struct HeldBytes(u64);
+
+impl HeldBytes {
+    fn new(n: u64) -> Self {
+        UPLOADS.buffered_bytes.add(n as i64);
+        HeldBytes(n)
+    }
+}
+
+impl Drop for HeldBytes {
+    fn drop(&mut self) {
+        UPLOADS.buffered_bytes.sub(self.0 as i64);
+    }
+}
+
 /// A part being uploaded while the next one fills.
 struct InFlight {
     handle: JoinHandle<Result<String, StorageError>>,
     number: u32,
     size: u64,
-    /// Bytes of this part held in memory (0 for a part streaming straight through).
-    buffered: u64,
     /// Session offset and hasher state once this part is stored.
     end_offset: u64,
     hasher_state: Vec<u8>,
@@ -764,6 +785,9 @@ impl<'a> PartWriter<'a> {
 
     /// Uploads a full part buffer; its grant ends with the upload, when the bytes are freed.
     async fn start_buffered_part(&mut self, part: Bytes, grant: BudgetGrant) -> RegistryResult<()> {
+        // The bytes leave this writer's buffer; they stay counted until freed, as the grant.
+        let held = HeldBytes::new(part.len() as u64);
+        self.report_buffered();
         self.settle_in_flight().await?;
         let size = part.len() as u64;
         let number = self.next_part_number(size)?;
@@ -774,18 +798,16 @@ impl<'a> PartWriter<'a> {
             let stored = store
                 .upload_part(&key, &upload_id, number, ObjectBody::Bytes(part))
                 .await;
-            drop(grant);
+            drop((grant, held));
             stored
         });
         self.in_flight = Some(InFlight {
             handle,
             number,
             size,
-            buffered: size,
             end_offset: self.received,
             hasher_state: self.hasher.save(),
         });
-        self.report_buffered();
         Ok(())
     }
 
@@ -808,7 +830,6 @@ impl<'a> PartWriter<'a> {
             handle,
             number,
             size,
-            buffered: 0,
             end_offset: self.received + size,
             hasher_state: Vec::new(), // set when the part's last byte has been hashed
         });
@@ -818,7 +839,7 @@ impl<'a> PartWriter<'a> {
 
     /// Brings `berth_upload_buffered_bytes` up to date with this writer's buffers.
     fn report_buffered(&mut self) {
-        let now = self.buf.capacity() as u64 + self.in_flight.as_ref().map_or(0, |p| p.buffered);
+        let now = self.buf.capacity() as u64;
         let delta = now as i64 - self.buffered_reported as i64;
         if delta != 0 {
             UPLOADS.buffered_bytes.add(delta);
@@ -834,8 +855,6 @@ impl<'a> PartWriter<'a> {
         // A direct part gets its hasher state only once all its bytes went through.
         let complete = !part.hasher_state.is_empty();
         let result = join(part.handle).await;
-        // The part's bytes were freed with its task.
-        self.report_buffered();
         if !complete {
             return Err(result
                 .err()
