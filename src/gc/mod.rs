@@ -509,8 +509,12 @@ impl Collector {
 /// The newest queue time that is due at `now` after `grace`. Queue times are whole seconds,
 /// floored: a candidate stamped `q` was queued in `[q, q + 1)`, so only `q + grace < now`
 /// guarantees that a whole `grace` has passed (`q + grace == now` may be a fraction of a second).
+/// A zero grace promises no wait: everything queued so far is due.
 fn due_cutoff(now: u64, grace: Duration) -> u64 {
-    now.saturating_sub(grace.as_secs()).saturating_sub(1)
+    match grace.as_secs() {
+        0 => now,
+        secs => now.saturating_sub(secs).saturating_sub(1),
+    }
 }
 
 #[cfg(test)]
@@ -523,6 +527,7 @@ mod tests {
         let grace = Duration::from_secs(1);
         assert!(10 > due_cutoff(11, grace));
         assert!(10 <= due_cutoff(12, grace));
-        assert_eq!(due_cutoff(0, grace), 0);
+        // No grace: due at once.
+        assert!(11 <= due_cutoff(11, Duration::ZERO));
     }
 }
